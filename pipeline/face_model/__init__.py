@@ -1,0 +1,8 @@
+"""Morphable face models: the .npz format, converters (SFM, BFM09) and the coefficient decoder."""
+from .decode import (Camera, CoeffLayout, Coeffs, Decoded, FaceDecoder, MM_TO_WORLD, euler_to_rotation,
+                     project, sh_shading, vertex_normals)
+from .format import FaceModel, FaceModelError, load_face_model, save_face_model, validate_face_model
+
+__all__ = ["Camera", "CoeffLayout", "Coeffs", "Decoded", "FaceDecoder", "FaceModel", "FaceModelError", "MM_TO_WORLD",
+           "euler_to_rotation", "load_face_model", "project", "save_face_model", "sh_shading", "validate_face_model",
+           "vertex_normals"]

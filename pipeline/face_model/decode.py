@@ -1,0 +1,193 @@
+"""Coefficients -> mesh: shape and albedo models, rotation, SH shading and the perspective camera.
+
+Spaces and units are those of docs/conventions.md: model space in mm, camera space in world units
+(decimetres, camera at z = 10), image space in pixels.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .format import FaceModel
+
+MM_TO_WORLD = 0.01
+N_SH = 27
+# Deep3DFaceRecon adds 0.8 to every channel's DC SH coefficient, so zero coefficients give soft ambient light.
+SH_DC_INIT = 0.8
+
+
+class Coeffs(NamedTuple):
+    """The named groups of a coefficient vector; each (B, K) for its K."""
+    id: torch.Tensor
+    exp: torch.Tensor
+    alb: torch.Tensor
+    rot: torch.Tensor    # (B, 3) pitch, yaw, roll in radians
+    sh: torch.Tensor     # (B, 27) 9 SH bands x 3 colour channels, channel-major (r0..r8, g0..g8, b0..b8)
+    trans: torch.Tensor  # (B, 3) world units
+
+
+@dataclass(frozen=True)
+class CoeffLayout:
+    """Sizes of the coefficient groups in the flat vector `id | exp | alb | rot | sh | trans`."""
+    k_id: int
+    k_exp: int
+    k_alb: int
+
+    @classmethod
+    def of(cls, model: FaceModel) -> "CoeffLayout":
+        return cls(model.k_id, model.k_exp, model.k_alb)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {"id": self.k_id, "exp": self.k_exp, "alb": self.k_alb, "rot": 3, "sh": N_SH, "trans": 3}
+
+    @property
+    def size(self) -> int:
+        return sum(self.sizes.values())
+
+    def split(self, coeffs: torch.Tensor) -> Coeffs:
+        """coeffs: (B, size) -> Coeffs of views into it."""
+        if coeffs.ndim != 2 or coeffs.shape[1] != self.size:
+            raise ValueError(f"coeffs: expected (B, {self.size}) for layout {self.sizes}, got {tuple(coeffs.shape)}")
+        return Coeffs(*torch.split(coeffs, list(self.sizes.values()), dim=1))
+
+    def join(self, parts: Coeffs) -> torch.Tensor:
+        """Coeffs -> (B, size); the inverse of split."""
+        return torch.cat(list(parts), dim=1)
+
+    def zeros(self, batch: int, device=None, dtype=torch.float32) -> torch.Tensor:
+        """The mean face, frontal, ambient light, zero translation: (batch, size)."""
+        return torch.zeros(batch, self.size, device=device, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class Camera:
+    """Pinhole camera of Deep3DFaceRecon: focal in px, square image of `size_px`, centre on the image centre."""
+    focal_px: float = 1015.0
+    size_px: int = 224
+    distance: float = 10.0  # camera z in world units, looking down -z
+
+    @property
+    def center_px(self) -> float:
+        return (self.size_px - 1) / 2.0
+
+
+def euler_to_rotation(angles: torch.Tensor) -> torch.Tensor:
+    """angles: (B, 3) pitch, yaw, roll in radians -> R: (B, 3, 3) = Rz(roll) @ Ry(yaw) @ Rx(pitch)."""
+    if angles.ndim != 2 or angles.shape[1] != 3:
+        raise ValueError(f"angles: expected (B, 3), got {tuple(angles.shape)}")
+    x, y, z = angles.unbind(1)
+    one, zero = torch.ones_like(x), torch.zeros_like(x)
+    cx, sx, cy, sy, cz, sz = x.cos(), x.sin(), y.cos(), y.sin(), z.cos(), z.sin()
+    rx = torch.stack([one, zero, zero, zero, cx, -sx, zero, sx, cx], 1).view(-1, 3, 3)
+    ry = torch.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], 1).view(-1, 3, 3)
+    rz = torch.stack([cz, -sz, zero, sz, cz, zero, zero, zero, one], 1).view(-1, 3, 3)
+    return rz @ ry @ rx
+
+
+def vertex_normals(verts: torch.Tensor, tris: torch.Tensor) -> torch.Tensor:
+    """verts: (B, V, 3), tris: (F, 3) int64 -> unit normals (B, V, 3): area-weighted mean of face normals."""
+    v0, v1, v2 = (verts[:, tris[:, i]] for i in range(3))
+    face_n = torch.cross(v1 - v0, v2 - v0, dim=-1)  # length = 2 x area, so the sum is area-weighted
+    normals = torch.zeros_like(verts).index_add_(1, tris.reshape(-1), face_n.repeat_interleave(3, dim=1))
+    return nn.functional.normalize(normals, dim=-1, eps=1e-12)
+
+
+_SH_A = (math.pi, 2 * math.pi / math.sqrt(3.0), 2 * math.pi / math.sqrt(8.0))
+_SH_C = (1 / math.sqrt(4 * math.pi), math.sqrt(3.0) / math.sqrt(4 * math.pi), 3 * math.sqrt(5.0) / math.sqrt(12 * math.pi))
+
+
+def sh_basis(normals: torch.Tensor) -> torch.Tensor:
+    """normals: (B, V, 3) unit -> (B, V, 9) the first 3 SH bands, Lambertian-convolved (Deep3DFaceRecon)."""
+    nx, ny, nz = normals.unbind(-1)
+    a, c = _SH_A, _SH_C
+    return torch.stack([
+        torch.full_like(nx, a[0] * c[0]),
+        -a[1] * c[1] * ny, a[1] * c[1] * nz, -a[1] * c[1] * nx,
+        a[2] * c[2] * nx * ny, -a[2] * c[2] * ny * nz,
+        0.5 * a[2] * c[2] / math.sqrt(3.0) * (3 * nz ** 2 - 1),
+        -a[2] * c[2] * nx * nz, 0.5 * a[2] * c[2] * (nx ** 2 - ny ** 2),
+    ], dim=-1)
+
+
+def sh_shading(normals: torch.Tensor, sh: torch.Tensor) -> torch.Tensor:
+    """normals: (B, V, 3) unit, camera space; sh: (B, 27) -> irradiance (B, V, 3) per colour channel."""
+    if sh.ndim != 2 or sh.shape[1] != N_SH:
+        raise ValueError(f"sh: expected (B, {N_SH}), got {tuple(sh.shape)}")
+    gamma = sh.view(-1, 3, 9) + sh.new_tensor([SH_DC_INIT] + [0.0] * 8)
+    return torch.einsum("bvk,bck->bvc", sh_basis(normals), gamma)
+
+
+def project(verts_cam: torch.Tensor, camera: Camera) -> torch.Tensor:
+    """verts_cam: (B, V, 3) world units -> verts_px: (B, V, 3) x_px, y_px and positive depth (world units)."""
+    depth = camera.distance - verts_cam[..., 2]
+    x_px = camera.center_px + camera.focal_px * verts_cam[..., 0] / depth
+    y_px = camera.center_px - camera.focal_px * verts_cam[..., 1] / depth
+    return torch.stack([x_px, y_px, depth], dim=-1)
+
+
+class Decoded(NamedTuple):
+    verts_model: torch.Tensor  # (B, V, 3) mm, identity + expression, before pose
+    verts_cam: torch.Tensor    # (B, V, 3) world units, posed
+    verts_px: torch.Tensor     # (B, V, 3) pixels + depth
+    normals_cam: torch.Tensor  # (B, V, 3) unit
+    albedo: torch.Tensor       # (B, V, 3) reflectance
+    colors: torch.Tensor       # (B, V, 3) albedo x SH irradiance
+    lmk_px: torch.Tensor       # (B, 68, 2) projected landmarks
+
+
+class FaceDecoder(nn.Module):
+    """The face model on a device: coefficients (B, C) -> Decoded mesh. Bases are buffers; `trainable`
+    names the arrays ('mean_albedo', 'albedo_basis', 'id_basis', 'exp_basis') that become parameters."""
+
+    def __init__(self, model: FaceModel, camera: Camera = Camera(), trainable: tuple[str, ...] = ()):
+        super().__init__()
+        self.layout = CoeffLayout.of(model)
+        self.camera = camera
+        arrays = {
+            "mean_shape": model.mean_shape, "id_basis": model.id_basis, "exp_basis": model.exp_basis,
+            "mean_albedo": model.mean_albedo, "albedo_basis": model.albedo_basis,
+            "face_region": model.face_region,
+        }
+        unknown = set(trainable) - {"mean_albedo", "albedo_basis", "id_basis", "exp_basis"}
+        if unknown:
+            raise ValueError(f"trainable: unknown face model arrays {sorted(unknown)}")
+        for key, value in arrays.items():
+            tensor = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+            if key in trainable:
+                self.register_parameter(key, nn.Parameter(tensor))
+            else:
+                self.register_buffer(key, tensor)
+        self.register_buffer("triangles", torch.from_numpy(model.triangles))
+        self.register_buffer("landmarks", torch.from_numpy(model.landmarks))
+
+    def shape(self, id_coeff: torch.Tensor, exp_coeff: torch.Tensor) -> torch.Tensor:
+        """id_coeff: (B, K_id), exp_coeff: (B, K_exp) -> verts_model (B, V, 3) mm."""
+        offsets = id_coeff @ self.id_basis.T + exp_coeff @ self.exp_basis.T
+        return self.mean_shape + offsets.view(id_coeff.shape[0], -1, 3)
+
+    def albedo(self, alb_coeff: torch.Tensor) -> torch.Tensor:
+        """alb_coeff: (B, K_alb) -> reflectance (B, V, 3), unclamped (the reflectance loss keeps it sane)."""
+        return self.mean_albedo + (alb_coeff @ self.albedo_basis.T).view(alb_coeff.shape[0], -1, 3)
+
+    def pose(self, verts_model: torch.Tensor, rot: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
+        """verts_model: (B, V, 3) mm, rot: (B, 3) rad, trans: (B, 3) world -> verts_cam (B, V, 3) world."""
+        rotation = euler_to_rotation(rot)
+        return (verts_model * MM_TO_WORLD) @ rotation.transpose(1, 2) + trans[:, None, :]
+
+    def forward(self, coeffs: torch.Tensor) -> Decoded:
+        """coeffs: (B, layout.size) -> Decoded (see its fields for shapes and units)."""
+        c = self.layout.split(coeffs)
+        verts_model = self.shape(c.id, c.exp)
+        verts_cam = self.pose(verts_model, c.rot, c.trans)
+        verts_px = project(verts_cam, self.camera)
+        normals = vertex_normals(verts_cam, self.triangles)
+        albedo = self.albedo(c.alb)
+        colors = albedo * sh_shading(normals, c.sh)
+        return Decoded(verts_model, verts_cam, verts_px, normals, albedo, colors,
+                       verts_px[:, self.landmarks, :2])

@@ -1,0 +1,155 @@
+"""The face model file format (`models/face_model.npz`) and its validating loader.
+
+Arrays (float32 unless noted), V vertices, F triangles, K_* components (any K may be 0):
+- mean_shape   (V, 3)          mm, model space (docs/conventions.md), centred at the origin
+- id_basis     (V*3, K_id)     mm per unit coefficient (bases are scaled by their standard deviation,
+                               so coefficients are ~N(0, 1)); rows are vertex-major x0 y0 z0 x1 ...
+- exp_basis    (V*3, K_exp)    mm per unit coefficient, same row order
+- mean_albedo  (V, 3)          linear RGB reflectance in [0, 1]
+- albedo_basis (V*3, K_alb)    reflectance per unit coefficient
+- triangles    (F, 3) int64    vertex indices, counter-clockwise seen from outside (+z for a frontal face)
+- landmarks    (68,) int64     vertex index of each iBUG-68 landmark (0-based iBUG order)
+- face_region  (V,)            skin weight in [0, 1] (1 = cheek/forehead skin; used by the albedo
+                               flatness loss and albedo statistics)
+plus 0-d strings: name, version, licence.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+
+N_LANDMARKS = 68
+_STRINGS = ("name", "version", "licence")
+
+
+class FaceModelError(ValueError):
+    """A face model file or array set that breaks the format; the message says what and where."""
+
+
+@dataclass(frozen=True)
+class FaceModel:
+    mean_shape: np.ndarray
+    id_basis: np.ndarray
+    exp_basis: np.ndarray
+    mean_albedo: np.ndarray
+    albedo_basis: np.ndarray
+    triangles: np.ndarray
+    landmarks: np.ndarray
+    face_region: np.ndarray
+    name: str
+    version: str
+    licence: str
+
+    def __post_init__(self):
+        validate_face_model(self)
+
+    @property
+    def n_verts(self) -> int:
+        return self.mean_shape.shape[0]
+
+    @property
+    def k_id(self) -> int:
+        return self.id_basis.shape[1]
+
+    @property
+    def k_exp(self) -> int:
+        return self.exp_basis.shape[1]
+
+    @property
+    def k_alb(self) -> int:
+        return self.albedo_basis.shape[1]
+
+    def with_albedo(self, mean_albedo: np.ndarray, albedo_basis: np.ndarray, version: str) -> "FaceModel":
+        """A copy with a new colour model: mean_albedo (V, 3) in [0, 1], albedo_basis (V*3, K_alb)."""
+        return replace(self, mean_albedo=np.asarray(mean_albedo, np.float32),
+                       albedo_basis=np.asarray(albedo_basis, np.float32), version=version)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise FaceModelError(msg)
+
+
+def validate_face_model(m: FaceModel) -> None:
+    """Raise FaceModelError naming the first array whose shape, dtype, finiteness or index range is wrong."""
+    for f in fields(m):
+        value = getattr(m, f.name)
+        if f.name in _STRINGS:
+            _check(isinstance(value, str), f"{f.name}: expected a string, got {type(value).__name__}")
+            continue
+        _check(isinstance(value, np.ndarray), f"{f.name}: expected a numpy array, got {type(value).__name__}")
+    v = m.mean_shape.shape[0] if m.mean_shape.ndim == 2 else -1
+    _check(m.mean_shape.ndim == 2 and m.mean_shape.shape[1] == 3 and v > 0,
+           f"mean_shape: expected (V, 3), got {m.mean_shape.shape}")
+    expected = {
+        "mean_shape": (np.float32, (v, 3)),
+        "id_basis": (np.float32, (3 * v, None)),
+        "exp_basis": (np.float32, (3 * v, None)),
+        "mean_albedo": (np.float32, (v, 3)),
+        "albedo_basis": (np.float32, (3 * v, None)),
+        "triangles": (np.int64, (None, 3)),
+        "landmarks": (np.int64, (N_LANDMARKS,)),
+        "face_region": (np.float32, (v,)),
+    }
+    for key, (dtype, shape) in expected.items():
+        arr = getattr(m, key)
+        _check(arr.dtype == dtype, f"{key}: expected dtype {np.dtype(dtype).name}, got {arr.dtype}")
+        _check(arr.ndim == len(shape) and all(s is None or s == a for s, a in zip(shape, arr.shape)),
+               f"{key}: expected shape {tuple('*' if s is None else s for s in shape)}, got {arr.shape}")
+        if dtype == np.float32:
+            _check(bool(np.isfinite(arr).all()), f"{key}: contains NaN or Inf")
+    _check(m.triangles.shape[0] > 0, "triangles: empty")
+    for key in ("triangles", "landmarks"):
+        arr = getattr(m, key)
+        _check(arr.min() >= 0 and arr.max() < v,
+               f"{key}: vertex indices must lie in [0, {v}), got [{arr.min()}, {arr.max()}]")
+    _check(m.mean_albedo.min() >= 0 and m.mean_albedo.max() <= 1, "mean_albedo: values outside [0, 1]")
+    _check(m.face_region.min() >= 0 and m.face_region.max() <= 1, "face_region: values outside [0, 1]")
+
+
+def save_face_model(model: FaceModel, path: str | Path) -> None:
+    """Write `model` to an .npz atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f.name: np.asarray(getattr(model, f.name)) for f in fields(model)}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_face_model(path: str | Path) -> FaceModel:
+    """Read and validate a face model .npz; FaceModelError says which key is missing, extra or malformed."""
+    path = Path(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise FaceModelError(f"{path}: no such face model file (run `dvc repro face_model`)") from None
+    except Exception as err:  # zip/format errors come in many types
+        raise FaceModelError(f"{path}: not a face model .npz ({err})") from None
+    with data:
+        names = {f.name for f in fields(FaceModel)}
+        missing, extra = sorted(names - set(data.files)), sorted(set(data.files) - names)
+        _check(not missing, f"{path}: missing arrays {missing}")
+        _check(not extra, f"{path}: unexpected arrays {extra}")
+        values = {k: (str(data[k]) if k in _STRINGS else data[k]) for k in names}
+    try:
+        return FaceModel(**values)
+    except FaceModelError as err:
+        raise FaceModelError(f"{path}: {err}") from None
+
+
+def outward_winding(verts: np.ndarray, tris: np.ndarray) -> np.ndarray:
+    """Flip all triangles if their normals point into the face: verts (V, 3), tris (F, 3) -> (F, 3).
+    A face mesh is open, so 'outward' is judged by the summed normal pointing towards +z (the viewer)."""
+    v0, v1, v2 = verts[tris[:, 0]], verts[tris[:, 1]], verts[tris[:, 2]]
+    total = np.cross(v1 - v0, v2 - v0).sum(0)
+    return tris if total[2] > 0 else tris[:, [0, 2, 1]].copy()

@@ -1,0 +1,35 @@
+"""Stage `face_model`: convert the chosen morphable model (params face_model.source) to models/face_model.npz."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+from pipeline.face_model import save_face_model
+from pipeline.face_model.bfm import convert_bfm
+from pipeline.face_model.sfm import convert_sfm
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out", default="models/face_model.npz")
+    args = ap.parse_args()
+    p = yaml.safe_load(Path(args.params).read_text())["face_model"]
+    if p["source"] == "sfm":
+        model = convert_sfm(p["sfm_dir"], p["bfm_aux_dir"], tuple(p["sfm_albedo_rgb"]))
+    elif p["source"] == "bfm":
+        if not p["bfm_mat"] or not p["bfm_exp_bin"]:
+            raise SystemExit("face_model.source=bfm needs face_model.bfm_mat (01_MorphableModel.mat) and "
+                             "face_model.bfm_exp_bin (Exp_Pca.bin): set them to your licensed copies")
+        model = convert_bfm(p["bfm_mat"], p["bfm_exp_bin"], p["bfm_aux_dir"])
+    else:
+        raise SystemExit(f"face_model.source must be 'sfm' or 'bfm', got {p['source']!r}")
+    save_face_model(model, args.out)
+    print(f"{model.name}: {model.n_verts} vertices, {len(model.triangles)} triangles, "
+          f"K_id={model.k_id} K_exp={model.k_exp} K_alb={model.k_alb} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
