@@ -230,3 +230,9 @@ def test_mean_face_projection_fills_the_crop_like_the_alignment_template(sfm):
     five = np.stack([lmk[36:42].mean(0), lmk[42:48].mean(0), lmk[30], lmk[48], lmk[54]])
     template = np.array([[80.23, 82.38], [143.60, 82.45], [112.33, 116.71], [86.28, 150.90], [137.34, 150.89]])
     assert np.abs(five - template).max() < 6.0
+
+
+def test_landmark_only_decoding_matches_the_full_mesh(sfm):
+    dec = FaceDecoder(sfm)
+    coeffs = torch.randn(3, dec.layout.size) * 0.3
+    torch.testing.assert_close(dec.landmark_px(dec.layout.split(coeffs)), dec(coeffs).lmk_px)

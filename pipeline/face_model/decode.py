@@ -180,6 +180,13 @@ class FaceDecoder(nn.Module):
         rotation = euler_to_rotation(rot)
         return (verts_model * MM_TO_WORLD) @ rotation.transpose(1, 2) + trans[:, None, :]
 
+    def landmark_px(self, c: Coeffs) -> torch.Tensor:
+        """The projected 68 landmarks (B, 68, 2) px from split coefficients, without decoding the whole mesh."""
+        rows = (self.landmarks[:, None] * 3 + torch.arange(3, device=self.landmarks.device)).reshape(-1)
+        offsets = c.id @ self.id_basis[rows].T + c.exp @ self.exp_basis[rows].T
+        verts_model = self.mean_shape[self.landmarks] + offsets.view(-1, len(self.landmarks), 3)
+        return project(self.pose(verts_model, c.rot, c.trans), self.camera)[..., :2]
+
     def forward(self, coeffs: torch.Tensor) -> Decoded:
         """coeffs: (B, layout.size) -> Decoded (see its fields for shapes and units)."""
         c = self.layout.split(coeffs)

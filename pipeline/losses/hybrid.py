@@ -1,0 +1,54 @@
+"""The hybrid-level weak supervision objective of Deng et al. (2019): one weighted sum, shared by training
+and per-image fitting."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import (coefficient_regularizer, identity_loss, landmark_loss, lighting_regularizer, photometric_loss,
+               reflectance_loss)
+from ..face_model import Coeffs
+from ..render.face import FaceRender
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Term weights; defaults are Deep3DFaceRecon_pytorch's."""
+    photometric: float = 1.92
+    landmark: float = 1.6e-3
+    identity: float = 0.2
+    coefficient: float = 3.0e-4
+    w_id: float = 1.0
+    w_exp: float = 0.8
+    w_alb: float = 1.7e-2
+    lighting: float = 10.0
+    reflectance: float = 5.0
+
+
+def hybrid_loss(face: FaceRender, coeffs: Coeffs, photo: torch.Tensor, face_mask: torch.Tensor,
+                lmk_px: torch.Tensor, lmk_weights: torch.Tensor, skin_weight: torch.Tensor, weights: LossWeights,
+                identity_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total loss and its unweighted terms.
+
+    face: render of `coeffs` at S x S; photo: (B, 3, S, S) in [0, 1]; face_mask: (B, 1, S, S) in [0, 1] (parsing
+    or skin mask); lmk_px: (B, 68, 2) target landmarks in crop pixels; lmk_weights: (68,); skin_weight: (V,);
+    identity_features: optional (B, 3, S, S) -> (B, D) unit embeddings (ArcFace); the term is skipped when None.
+    The photometric term compares pixels inside face_mask x render coverage only, as in the paper.
+    """
+    terms = {
+        "photometric": photometric_loss(face.image, photo, face_mask * face.mask),
+        "landmark": landmark_loss(face.decoded.lmk_px, lmk_px, lmk_weights),
+        "coefficient": coefficient_regularizer(coeffs.id, coeffs.exp, coeffs.alb, weights.w_id, weights.w_exp,
+                                               weights.w_alb),
+        "lighting": lighting_regularizer(coeffs.sh),
+        "reflectance": reflectance_loss(face.decoded.albedo, skin_weight),
+    }
+    if identity_features is not None and weights.identity > 0:
+        # the render is only defined on the face: compare against the photo with the same pixels shown
+        composite = face.image * face.mask + photo * (1 - face.mask)
+        terms["identity"] = identity_loss(identity_features(composite), identity_features(photo).detach())
+    total = sum(getattr(weights, name) * value for name, value in terms.items())
+    return total, terms

@@ -1,0 +1,82 @@
+"""Batch reconstruction: faces (aligned crops + masks + landmarks) -> coefficients, one table row per face."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..face_model import FaceDecoder
+from ..losses.hybrid import LossWeights
+from ..render.face import FaceRender, render_face
+from .fit import FitSettings, fit_coefficients, per_face_terms
+
+METHODS = ("fit", "network", "network+fit")
+
+
+@dataclass
+class FaceBatch:
+    """Aligned faces as tensors on one device."""
+    photo: torch.Tensor      # (B, 3, S, S) crops in [0, 1]
+    face_mask: torch.Tensor  # (B, 1, S, S) in [0, 1]
+    lmk_px: torch.Tensor     # (B, 68, 2) detected landmarks, crop px
+
+
+def reconstruct_batch(decoder: FaceDecoder, batch: FaceBatch, method: str, fit: FitSettings, lmk_weights: torch.Tensor,
+                      network: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      refine_steps: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Coefficients (B, C) and per-face loss terms {name: (B,)} by `method`:
+    'fit' (analysis by synthesis from the mean face), 'network' (one R-Net forward pass), 'network+fit' (R-Net
+    initialisation refined by `refine_steps` full fitting steps)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "fit":
+        return fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, lmk_weights, fit)
+    if network is None:
+        raise ValueError(f"method {method!r} needs a trained network (models/rnet.pt)")
+    with torch.no_grad():
+        coeffs = network(batch.photo)
+    if method == "network+fit":
+        refine = FitSettings(landmark_steps=0, full_steps=refine_steps, lr=fit.lr, weights=fit.weights)
+        return fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, lmk_weights, refine, init=coeffs)
+    with torch.no_grad():
+        terms = per_face_terms(decoder, coeffs, batch.photo, batch.face_mask, batch.lmk_px, lmk_weights, fit.weights)
+    return coeffs, terms
+
+
+def visible_vertices(face: FaceRender, triangles: torch.Tensor, n_verts: int) -> torch.Tensor:
+    """(B, V) bool: corners of triangles that won at least one pixel and whose normals face the camera."""
+    b = face.tri_id.shape[0]
+    won = torch.zeros(b, triangles.shape[0] + 1, device=triangles.device)
+    won.scatter_(1, face.tri_id.view(b, -1) + 1, 1.0)  # column 0 collects the background id -1
+    hits = torch.zeros(b, n_verts, device=triangles.device)
+    hits.index_add_(1, triangles.reshape(-1), won[:, 1:].repeat_interleave(3, dim=1))
+    return (hits > 0) & (face.decoded.normals_cam[..., 2] > 0)
+
+
+def masked_psnr_db(render: torch.Tensor, photo: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """PSNR (B,) dB of render vs photo (B, 3, S, S) in [0, 1] over pixels weighted by mask (B, 1, S, S)."""
+    weight = mask.sum(dim=(1, 2, 3)) * 3
+    mse = ((render - photo) ** 2 * mask).sum(dim=(1, 2, 3)) / weight.clamp_min(1e-8)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+def coefficient_rows(decoder: FaceDecoder, coeffs: torch.Tensor, terms: dict[str, torch.Tensor],
+                     batch: FaceBatch) -> tuple[list[dict], FaceRender]:
+    """Table rows (coefficient groups, angles in degrees, crop-px landmarks, mesh, PSNR, losses) and the render."""
+    with torch.no_grad():
+        face = render_face(decoder, coeffs)
+        psnr = masked_psnr_db(face.image, batch.photo, batch.face_mask * face.mask)
+    c = decoder.layout.split(coeffs)
+    rows = []
+    for i in range(coeffs.shape[0]):
+        pitch, yaw, roll = np.degrees(c.rot[i].cpu().numpy())
+        row = {name: getattr(c, name)[i].cpu().numpy().astype(np.float32) for name in c._fields}
+        row.update(pitch_deg=float(pitch), yaw_deg=float(yaw), roll_deg=float(roll),
+                   lmk_crop_px=face.decoded.lmk_px[i].cpu().numpy().astype(np.float32).reshape(-1),
+                   verts_model=face.decoded.verts_model[i].cpu().numpy().astype(np.float32).reshape(-1),
+                   masked_psnr=float(psnr[i]))
+        row.update({f"loss_{k}": float(v[i]) for k, v in terms.items()})
+        rows.append(row)
+    return rows, face

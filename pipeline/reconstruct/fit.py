@@ -1,0 +1,108 @@
+"""Per-image analysis-by-synthesis: optimise coefficients of many faces at once with the training losses.
+
+Coarse to fine, as classic 3DMM fitting: first pose, translation, identity and expression against the
+landmarks alone (no rendering, cheap), then every group against the full hybrid loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..face_model import Coeffs, Decoded, FaceDecoder
+from ..losses import landmark_loss
+from ..losses.hybrid import LossWeights, hybrid_loss
+from ..render.face import FaceRender, render_face
+
+LANDMARK_STAGE_GROUPS = ("id", "exp", "rot", "trans")
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    landmark_steps: int = 60
+    full_steps: int = 60
+    lr: float = 1.0e-2
+    weights: LossWeights = field(default_factory=LossWeights)
+    # The landmark stage needs a prior too, or identity absorbs landmark noise; Deep3DFaceRecon's weights
+    # are relative to the photometric term, so the landmark-only stage uses its own larger regulariser.
+    landmark_stage_coefficient: float = 1.0e-3
+
+
+def _check_batch(photo: torch.Tensor, face_mask: torch.Tensor, lmk_px: torch.Tensor, size: int) -> None:
+    b = photo.shape[0]
+    if photo.shape != (b, 3, size, size):
+        raise ValueError(f"photo: expected (B, 3, {size}, {size}), got {tuple(photo.shape)}")
+    if face_mask.shape != (b, 1, size, size):
+        raise ValueError(f"face_mask: expected ({b}, 1, {size}, {size}), got {tuple(face_mask.shape)}")
+    if lmk_px.shape != (b, 68, 2):
+        raise ValueError(f"lmk_px: expected ({b}, 68, 2), got {tuple(lmk_px.shape)}")
+
+
+def _group_mask(decoder: FaceDecoder, groups: tuple[str, ...], like: torch.Tensor) -> torch.Tensor:
+    """(1, C) 1.0 on the coefficient entries of `groups`, 0.0 elsewhere."""
+    parts = [torch.full((1, k), float(name in groups), device=like.device, dtype=like.dtype)
+             for name, k in decoder.layout.sizes.items()]
+    return torch.cat(parts, dim=1)
+
+
+def fit_coefficients(decoder: FaceDecoder, photo: torch.Tensor, face_mask: torch.Tensor, lmk_px: torch.Tensor,
+                     lmk_weights: torch.Tensor, settings: FitSettings, init: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Fit B faces jointly (one tensor, one optimiser; the loss is a per-face sum so faces stay independent).
+
+    photo: (B, 3, S, S) crops in [0, 1]; face_mask: (B, 1, S, S) in [0, 1]; lmk_px: (B, 68, 2) crop pixels;
+    lmk_weights: (68,); init: (B, C) start coefficients (default: the mean face, frontal).
+    Returns coefficients (B, C), detached, and the final per-face loss terms {name: (B,)}.
+    """
+    size = decoder.camera.size_px
+    _check_batch(photo, face_mask, lmk_px, size)
+    b = photo.shape[0]
+    start = decoder.layout.zeros(b, device=photo.device) if init is None else init.detach().clone()
+    coeffs = start.clone().requires_grad_(True)
+    skin = decoder.face_region
+    w = settings.weights
+
+    if settings.landmark_steps > 0 and init is None:
+        grad_mask = _group_mask(decoder, LANDMARK_STAGE_GROUPS, coeffs)
+        opt = torch.optim.Adam([coeffs], lr=settings.lr)
+        for _ in range(settings.landmark_steps):
+            c = decoder.layout.split(coeffs)
+            lmk = decoder.landmark_px(c)
+            loss = b * (w.landmark * landmark_loss(lmk, lmk_px, lmk_weights)
+                        + settings.landmark_stage_coefficient * (c.id.square().sum() + c.exp.square().sum()) / b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            coeffs.grad.mul_(grad_mask)
+            opt.step()
+
+    opt = torch.optim.Adam([coeffs], lr=settings.lr)
+    for _ in range(settings.full_steps):
+        c = decoder.layout.split(coeffs)
+        face = render_face(decoder, coeffs)
+        total, _ = hybrid_loss(face, c, photo, face_mask, lmk_px, lmk_weights, skin, w)
+        opt.zero_grad(set_to_none=True)
+        (b * total).backward()
+        opt.step()
+
+    with torch.no_grad():
+        final = coeffs.detach()
+        terms = per_face_terms(decoder, final, photo, face_mask, lmk_px, lmk_weights, w)
+    return final, terms
+
+
+def per_face_terms(decoder: FaceDecoder, coeffs: torch.Tensor, photo: torch.Tensor, face_mask: torch.Tensor,
+                   lmk_px: torch.Tensor, lmk_weights: torch.Tensor, weights: LossWeights) -> dict[str, torch.Tensor]:
+    """The hybrid loss terms of each face separately: {name: (B,)} (a loop over faces of one-face batches
+    would re-render; instead the batch is rendered once and the terms are evaluated per row)."""
+    face = render_face(decoder, coeffs)
+    c = decoder.layout.split(coeffs)
+    def row(i: int, tensors):
+        return [t[i:i + 1] for t in tensors]
+
+    rows = []
+    for i in range(coeffs.shape[0]):
+        face_i = FaceRender(Decoded(*row(i, face.decoded)), *row(i, face[1:]))
+        _, terms = hybrid_loss(face_i, Coeffs(*row(i, c)), photo[i:i + 1], face_mask[i:i + 1], lmk_px[i:i + 1],
+                               lmk_weights, decoder.face_region, weights)
+        rows.append(terms)
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
