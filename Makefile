@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# DVC stage commands call `python`: the venv's.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: run test bench clean-venv
 

@@ -30,16 +30,16 @@ def test_photometric_hand_computed():
     assert photometric_loss(render, photo, mask).item() == pytest.approx(expected, abs=1e-5)
 
 
-def test_photometric_averages_over_the_whole_batch_mask_weight():
-    # as Deep3DFaceRecon: one sum over the batch, divided by the batch's total mask weight (at least 1)
+def test_photometric_averages_each_image_over_its_mask_weight():
+    # per image: sum(distance x mask) / max(sum(mask), 1); then the mean over images
     render = torch.zeros(2, 3, 1, 2)
     photo = torch.zeros(2, 3, 1, 2)
     photo[0, 0, 0, 0], photo[1, 1, 0, 1] = 3.0, 1.0
     mask = torch.ones(2, 1, 1, 2)
-    assert photometric_loss(render, photo, mask, eps=0.0).item() == pytest.approx((3.0 + 1.0) / 4)
+    assert photometric_loss(render, photo, mask, eps=0.0).item() == pytest.approx((3.0 / 2 + 1.0 / 2) / 2)
     small = torch.zeros(2, 1, 1, 2)
     small[0, 0, 0, 0] = 0.25
-    assert photometric_loss(render, photo, small, eps=0.0).item() == pytest.approx(0.25 * 3.0 / 1.0)
+    assert photometric_loss(render, photo, small, eps=0.0).item() == pytest.approx((0.25 * 3.0 / 1.0 + 0.0) / 2)
 
 
 def test_photometric_identical_images_give_sqrt_eps_and_zero_gradient():

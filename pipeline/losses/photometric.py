@@ -20,4 +20,5 @@ def photometric_loss(render: torch.Tensor, photo: torch.Tensor, mask: torch.Tens
     check_shape("photo", photo, ("B", "C", "H", "W"), sizes)
     check_shape("mask", mask, ("B", 1, "H", "W"), sizes)
     distance = torch.sqrt(eps + ((render - photo) ** 2).sum(dim=1, keepdim=True))
-    return (distance * mask).sum() / mask.sum().clamp_min(1.0)
+    per_image = (distance * mask).sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3)).clamp_min(1.0)
+    return per_image.sum() / max(per_image.numel(), 1)

@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 
 from ..face_model import FaceDecoder
@@ -60,23 +59,3 @@ def masked_psnr_db(render: torch.Tensor, photo: torch.Tensor, mask: torch.Tensor
     weight = mask.sum(dim=(1, 2, 3)) * 3
     mse = ((render - photo) ** 2 * mask).sum(dim=(1, 2, 3)) / weight.clamp_min(1e-8)
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-
-
-def coefficient_rows(decoder: FaceDecoder, coeffs: torch.Tensor, terms: dict[str, torch.Tensor],
-                     batch: FaceBatch) -> tuple[list[dict], FaceRender]:
-    """Table rows (coefficient groups, angles in degrees, crop-px landmarks, mesh, PSNR, losses) and the render."""
-    with torch.no_grad():
-        face = render_face(decoder, coeffs)
-        psnr = masked_psnr_db(face.image, batch.photo, batch.face_mask * face.mask)
-    c = decoder.layout.split(coeffs)
-    rows = []
-    for i in range(coeffs.shape[0]):
-        pitch, yaw, roll = np.degrees(c.rot[i].cpu().numpy())
-        row = {name: getattr(c, name)[i].cpu().numpy().astype(np.float32) for name in c._fields}
-        row.update(pitch_deg=float(pitch), yaw_deg=float(yaw), roll_deg=float(roll),
-                   lmk_crop_px=face.decoded.lmk_px[i].cpu().numpy().astype(np.float32).reshape(-1),
-                   verts_model=face.decoded.verts_model[i].cpu().numpy().astype(np.float32).reshape(-1),
-                   masked_psnr=float(psnr[i]))
-        row.update({f"loss_{k}": float(v[i]) for k, v in terms.items()})
-        rows.append(row)
-    return rows, face

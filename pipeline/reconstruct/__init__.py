@@ -1,0 +1,1 @@
+"""Reconstruction: batched fitting, network inference, the albedo model, per-face exports and the report."""

@@ -1,0 +1,121 @@
+"""Faces table <-> tensors, and the reconstruction's outputs: table rows and per-face files."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+
+from ..face_model import FaceDecoder
+from ..render.face import FaceRender, render_face
+from ..render.mesh_io import write_obj
+from .batch import FaceBatch, masked_psnr_db, visible_vertices
+from .export import crop_to_photo_px, draw_landmarks, overlay_on_photo, photo_vertex_colors, write_png
+
+
+@dataclass(frozen=True)
+class FaceOutputs:
+    """Which per-face files to write."""
+    meshes: bool = True
+    overlays: bool = True
+    crops: bool = True
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """JPEG/PNG bytes -> (H, W, 3) uint8 RGB."""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError("undecodable image bytes")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def decode_gray(data: bytes) -> np.ndarray:
+    """PNG bytes -> (H, W) uint8."""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        raise ValueError("undecodable mask bytes")
+    return img
+
+
+def faces_to_batch(faces: pd.DataFrame, device: torch.device) -> FaceBatch:
+    """Rows with `crop` (JPEG), `mask` (PNG) and `landmarks` (68x2 crop px) -> FaceBatch on `device`."""
+    photo = np.stack([decode_rgb(b) for b in faces["crop"]]).astype(np.float32) / 255.0
+    mask = np.stack([decode_gray(b) for b in faces["mask"]]).astype(np.float32) / 255.0
+    lmk = np.stack([np.asarray(x, np.float32).reshape(68, 2) for x in faces["landmarks"]])
+    return FaceBatch(torch.from_numpy(photo).permute(0, 3, 1, 2).to(device),
+                     torch.from_numpy(mask)[:, None].to(device), torch.from_numpy(lmk).to(device))
+
+
+def file_stem(face_id: str) -> str:
+    """A face id ('photos/a b.jpg#0') -> a safe file stem ('photos_a_b.jpg_0')."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", face_id).strip("_")
+
+
+def face_rows(decoder: FaceDecoder, coeffs: torch.Tensor, terms: dict[str, torch.Tensor], batch: FaceBatch,
+              faces: pd.DataFrame, method: str) -> tuple[list[dict], FaceRender]:
+    """One table row per face: ids, coefficient groups, Euler angles in degrees, landmarks (projected, in crop and
+    ORIGINAL-photo px; dlib's in photo px), the identity+expression mesh (mm), masked PSNR and the loss terms.
+    Returns the rows and the render (B faces) they were measured on."""
+    with torch.no_grad():
+        face = render_face(decoder, coeffs)
+        psnr = masked_psnr_db(face.image, batch.photo, batch.face_mask * face.mask)
+    c = decoder.layout.split(coeffs)
+    rows = []
+    for i, meta in enumerate(faces.itertuples(index=False)):
+        transform = np.asarray(meta.transform, np.float64).reshape(2, 3)
+        lmk_crop = face.decoded.lmk_px[i].cpu().numpy()
+        pitch, yaw, roll = np.degrees(c.rot[i].cpu().numpy())
+        row = {"id": meta.id, "source": meta.source, "face_index": int(meta.face_index), "method": method,
+               "files_stem": file_stem(meta.id)}
+        row.update({name: getattr(c, name)[i].cpu().numpy().astype(np.float32) for name in c._fields})
+        row.update(
+            pitch_deg=float(pitch), yaw_deg=float(yaw), roll_deg=float(roll),
+            lmk_crop_px=lmk_crop.astype(np.float32).reshape(-1),
+            lmk_px=crop_to_photo_px(lmk_crop, transform).astype(np.float32).reshape(-1),
+            dlib_lmk_px=crop_to_photo_px(batch.lmk_px[i].cpu().numpy(), transform).astype(np.float32).reshape(-1),
+            verts_model=face.decoded.verts_model[i].cpu().numpy().astype(np.float32).reshape(-1),
+            masked_psnr=float(psnr[i]))
+        row.update({f"loss_{k}": float(v[i]) for k, v in terms.items()})
+        rows.append(row)
+    return rows, face
+
+
+def write_face_files(folder: Path, faces: pd.DataFrame, rows: list[dict], face: FaceRender, photo: torch.Tensor,
+                     decoder: FaceDecoder, which: FaceOutputs) -> None:
+    """Per face: `<stem>.obj` (identity+expression mesh in mm, photo-textured where visible), `<stem>_overlay.png`
+    (the render on the ORIGINAL photo) and `<stem>_crop.png` (aligned crop, dlib landmarks green, model red)."""
+    if not (which.meshes or which.overlays or which.crops):
+        return
+    visible = visible_vertices(face, decoder.triangles, decoder.mean_shape.shape[0]).cpu().numpy()
+    tris = decoder.triangles.cpu().numpy()
+    for i, (meta, row) in enumerate(zip(faces.itertuples(index=False), rows)):
+        stem = folder / row["files_stem"]
+        crop = (photo[i].permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+        if which.meshes:
+            colors = photo_vertex_colors(crop, face.decoded.verts_px[i].cpu().numpy(), visible[i],
+                                         face.decoded.colors[i].cpu().numpy())
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            write_obj(stem.with_suffix(".obj"), face.decoded.verts_model[i].cpu().numpy(), tris, colors)
+        if which.overlays:
+            original = read_source_photo(meta.source)
+            if original is not None:
+                render = face.image[i].permute(1, 2, 0).cpu().numpy()
+                write_png(stem.parent / f"{stem.name}_overlay.png",
+                          overlay_on_photo(original, render, face.mask[i, 0].cpu().numpy(), meta.transform))
+        if which.crops:
+            lmk_fit = np.asarray(row["lmk_crop_px"]).reshape(68, 2)
+            lmk_dlib = np.asarray(faces["landmarks"].iloc[i], np.float32).reshape(68, 2)
+            write_png(stem.parent / f"{stem.name}_crop.png", draw_landmarks(crop, lmk_dlib, lmk_fit))
+
+
+def read_source_photo(path: str) -> np.ndarray | None:
+    """The original photo as (H, W, 3) uint8 RGB with EXIF orientation applied, or None if it is gone."""
+    from ..detect import read_photo
+    try:
+        return read_photo(path)
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,151 @@
+"""Stage `reconstruct`: 3D faces for a dataset, a folder or single photos.
+
+    python -m stages.reconstruct                          # DVC stage: the Parquet shards -> data/reconstructions
+    python -m stages.reconstruct photo.jpg --out DIR      # one or more photos (crop/landmarks/masks run here)
+    python -m stages.reconstruct --images DIR --out DIR   # a folder of photos
+    torchrun --nproc-per-node N -m stages.reconstruct     # each rank takes every N-th face, rank 0 merges
+
+Methods (reconstruct.method): fit | network | network+fit; without a checkpoint the stage falls back to fit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from pipeline.face_model import FaceDecoder, load_face_model
+from pipeline.losses import landmark_weights
+from pipeline.losses.hybrid import LossWeights
+from pipeline.reconstruct.batch import reconstruct_batch
+from pipeline.reconstruct.fit import FitSettings
+from pipeline.reconstruct.outputs import FaceOutputs, face_rows, faces_to_batch, write_face_files
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m stages.reconstruct", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("photos", nargs="*", type=Path, help="photos to reconstruct (default: the shards)")
+    ap.add_argument("--images", type=Path, help="a folder of photos to reconstruct (searched recursively)")
+    ap.add_argument("--out", type=Path, help="output folder (default: reconstruct.out)")
+    ap.add_argument("--method", choices=["fit", "network", "network+fit"], help="override reconstruct.method")
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--report", type=Path, help="metrics JSON (default: reports/reconstruct.json for the "
+                                                 "DVC stage, <out>/summary.json otherwise)")
+    return ap.parse_args(argv)
+
+
+def load_params(path: Path) -> dict:
+    if not path.exists():  # single-photo use outside the repository: the defaults live in the repo's params.yaml
+        path = Path(__file__).resolve().parents[1] / "params.yaml"
+    return yaml.safe_load(path.read_text())
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) under torchrun, (0, 1) otherwise; initialises the process group once."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def pick_device(rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def gather_faces(args, params: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(faces table, rejects table) from the shards, a folder or photos."""
+    from pipeline.detect import preprocess_photos
+    from pipeline.shards import read_faces
+
+    if not args.photos and args.images is None:
+        shards = sorted(Path(params["reconstruct"]["shards"]).glob("*.parquet"))
+        return read_faces(shards), pd.DataFrame(columns=["path", "stage", "reason"])
+    photos = list(args.photos)
+    if args.images is not None:
+        photos += sorted(p for p in args.images.rglob("*") if p.is_file())
+    missing = [p for p in photos if not p.exists()]
+    if missing:
+        raise SystemExit(f"no such file: {', '.join(map(str, missing))}")
+    return preprocess_photos(photos, params)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    params = load_params(args.params)
+    p = params["reconstruct"]
+    rank, world = distributed_rank()
+    device = pick_device(rank)
+    dvc_mode = not args.photos and args.images is None
+    out = args.out or Path(p["out"])
+    report = args.report or (Path("reports/reconstruct.json") if dvc_mode else out / "summary.json")
+
+    faces, rejects = gather_faces(args, params)
+    faces = faces.iloc[rank::world].reset_index(drop=True)
+    model = load_face_model(p["face_model"])
+    decoder = FaceDecoder(model).to(device)
+    method = args.method or p["method"]
+    network = None
+    if method != "fit":
+        checkpoint = Path(p["checkpoint"])
+        if checkpoint.exists():
+            from pipeline.train.checkpoint import load_rnet
+            network = load_rnet(checkpoint, device)
+        else:
+            print(f"{checkpoint} not found: reconstructing by per-image fitting (method fit)", file=sys.stderr)
+            method = "fit"
+    weights = LossWeights(**p["loss_weights"])
+    fit = FitSettings(landmark_steps=p["landmark_steps"], full_steps=p["full_steps"], lr=p["lr"], weights=weights)
+    lmk_w = landmark_weights().to(device)
+    files = FaceOutputs(meshes=p["write_meshes"], overlays=p["write_overlays"], crops=p["write_crops"])
+
+    rows, start = [], time.perf_counter()
+    with tqdm(total=len(faces), desc=f"reconstruct[{method}]", disable=rank != 0) as bar:
+        for lo in range(0, len(faces), p["batch_size"]):
+            chunk = faces.iloc[lo:lo + p["batch_size"]]
+            batch = faces_to_batch(chunk, device)
+            coeffs, terms = reconstruct_batch(decoder, batch, method, fit, lmk_w, network, p["refine_steps"])
+            chunk_rows, render = face_rows(decoder, coeffs, terms, batch, chunk, method)
+            write_face_files(out / "faces", chunk, chunk_rows, render, batch.photo, decoder, files)
+            rows += chunk_rows
+            bar.update(len(chunk))
+    seconds = time.perf_counter() - start
+    table = pd.DataFrame(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    part = out / (f"coefficients.rank{rank}.parquet" if world > 1 else "coefficients.parquet")
+    table.to_parquet(part, index=False)
+    if world > 1:
+        dist.barrier()
+        if rank == 0:
+            parts = [out / f"coefficients.rank{r}.parquet" for r in range(world)]
+            pd.concat([pd.read_parquet(x) for x in parts], ignore_index=True).to_parquet(
+                out / "coefficients.parquet", index=False)
+            for x in parts:
+                x.unlink()
+        dist.destroy_process_group()
+    if rank == 0:
+        summary = {"faces": len(faces) * world if world > 1 else len(faces), "rejected": len(rejects),
+                   "method": method, "seconds": round(seconds, 3),
+                   "faces_per_s": round(len(faces) / seconds, 3) if seconds > 0 else None,
+                   "masked_psnr_mean": float(table["masked_psnr"].mean()) if len(table) else None}
+        if len(rejects):
+            rejects.to_parquet(out / "rejects.parquet", index=False)
+            summary["rejects_by_reason"] = rejects["reason"].value_counts().to_dict()
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(summary, indent=2) + "\n")
+        print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

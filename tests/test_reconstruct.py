@@ -1,0 +1,173 @@
+"""Per-image fitting, the albedo model, and the per-face outputs, on analytic renders of the face model."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.face_model import FaceDecoder
+from pipeline.face_model.sfm import convert_sfm
+from pipeline.losses import landmark_weights
+from pipeline.reconstruct.albedo import build_albedo_model, reflectance_samples, sample_at_vertices
+from pipeline.reconstruct.batch import FaceBatch, masked_psnr_db, reconstruct_batch, visible_vertices
+from pipeline.reconstruct.export import crop_to_photo_px, overlay_on_photo
+from pipeline.reconstruct.fit import FitSettings, fit_coefficients
+from pipeline.render.face import render_face
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="module")
+def sfm():
+    return convert_sfm(SHARED / "face_models" / "sfm", SHARED / "face_models" / "bfm_aux", (0.7, 0.5, 0.4))
+
+
+def random_faces(decoder: FaceDecoder, n: int, seed: int) -> torch.Tensor:
+    """Ground-truth coefficients: N(0, 1) identity, some expression, yaw within +-35 deg, side light."""
+    g = torch.Generator().manual_seed(seed)
+    coeffs = decoder.layout.zeros(n)
+    c = decoder.layout.split(coeffs)
+    c.id.copy_(torch.randn(c.id.shape, generator=g))
+    c.exp.copy_(torch.rand(c.exp.shape, generator=g) * 0.5)
+    c.rot[:, 1].copy_((torch.rand(n, generator=g) - 0.5) * math.radians(70))
+    c.rot[:, 0].copy_((torch.rand(n, generator=g) - 0.5) * math.radians(20))
+    c.sh[:, [3, 12, 21]] = 0.3  # light from the side: shading carries shape information
+    c.trans[:, :2].copy_((torch.rand(n, 2, generator=g) - 0.5) * 0.2)
+    return coeffs
+
+
+def synthetic_batch(decoder: FaceDecoder, coeffs: torch.Tensor) -> FaceBatch:
+    with torch.no_grad():
+        face = render_face(decoder, coeffs)
+    photo = face.image + (1 - face.mask) * 0.25  # grey background
+    return FaceBatch(photo, face.mask, face.decoded.lmk_px)
+
+
+def test_fit_recovers_shape_better_than_the_mean_face(sfm):
+    decoder = FaceDecoder(sfm)
+    truth = random_faces(decoder, 4, seed=1)
+    batch = synthetic_batch(decoder, truth)
+    coeffs, terms = fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, landmark_weights(),
+                                     FitSettings(landmark_steps=60, full_steps=60))
+    with torch.no_grad():
+        gt = decoder(truth).verts_model
+        ours = decoder(coeffs).verts_model
+        mean = decoder(decoder.layout.zeros(4)).verts_model
+    err = (ours - gt).norm(dim=-1).mean(1)
+    err_mean = (mean - gt).norm(dim=-1).mean(1)
+    assert torch.all(err < 0.7 * err_mean), (err, err_mean)
+    # pose is recovered to within a few degrees
+    yaw_err = (decoder.layout.split(coeffs).rot[:, 1] - decoder.layout.split(truth).rot[:, 1]).abs()
+    assert torch.all(yaw_err < math.radians(5)), yaw_err
+    assert set(terms) >= {"photometric", "landmark", "coefficient"} and terms["landmark"].shape == (4,)
+
+
+def test_fitting_a_batch_equals_fitting_each_face(sfm):
+    """Faces optimised as one tensor do not influence each other (per-face sum, per-element Adam)."""
+    decoder = FaceDecoder(sfm)
+    batch = synthetic_batch(decoder, random_faces(decoder, 2, seed=2))
+    settings = FitSettings(landmark_steps=10, full_steps=5)
+    both, _ = fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, landmark_weights(), settings)
+    one, _ = fit_coefficients(decoder, batch.photo[1:], batch.face_mask[1:], batch.lmk_px[1:], landmark_weights(),
+                              settings)
+    torch.testing.assert_close(both[1:], one, atol=2e-4, rtol=1e-3)
+
+
+def test_network_method_requires_a_network_and_validates_method(sfm):
+    decoder = FaceDecoder(sfm)
+    batch = synthetic_batch(decoder, decoder.layout.zeros(1))
+    with pytest.raises(ValueError, match="needs a trained network"):
+        reconstruct_batch(decoder, batch, "network", FitSettings(), landmark_weights())
+    with pytest.raises(ValueError, match="method must be one of"):
+        reconstruct_batch(decoder, batch, "magic", FitSettings(), landmark_weights())
+    zero_net = lambda photo: decoder.layout.zeros(photo.shape[0])  # noqa: E731 - the mean-face "network"
+    coeffs, terms = reconstruct_batch(decoder, batch, "network", FitSettings(), landmark_weights(), zero_net)
+    assert torch.equal(coeffs, decoder.layout.zeros(1)) and float(terms["landmark"][0]) == pytest.approx(0, abs=1e-6)
+
+
+def test_masked_psnr_matches_hand_computed_value():
+    photo = torch.zeros(1, 3, 4, 4)
+    render = torch.full((1, 3, 4, 4), 0.1)  # MSE 0.01 -> 20 dB
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :2] = 1
+    render[..., 2:, 2:] = 1.0  # outside the mask: ignored
+    assert float(masked_psnr_db(render, photo, mask)[0]) == pytest.approx(20.0, abs=1e-4)
+
+
+def test_visible_vertices_front_not_back(sfm):
+    decoder = FaceDecoder(sfm)
+    coeffs = decoder.layout.zeros(1)
+    decoder.layout.split(coeffs).rot[0, 1] = math.radians(60)  # turned: one cheek hidden
+    face = render_face(decoder, coeffs)
+    visible = visible_vertices(face, decoder.triangles, sfm.n_verts)[0]
+    lmk = torch.from_numpy(sfm.landmarks)
+    assert visible[lmk[30]]                      # nose tip
+    # +yaw turns the front towards +x: the subject's right jaw (-x, point 0) swings towards the camera
+    assert visible[lmk[0]] and not visible[lmk[16]]
+
+
+# ---------------------------------------------------------------- albedo model
+
+def test_recovered_mean_albedo_matches_the_generating_model(sfm):
+    """Render faces with a known, spatially varying albedo; estimate reflectance with the true geometry and light."""
+    x = sfm.mean_shape[:, 0]
+    y = sfm.mean_shape[:, 1]
+    mean_albedo = np.stack([0.55 + 0.2 * np.tanh(x / 40), 0.45 + 0.15 * np.tanh(y / 50), 0.4 + 0 * x], 1)
+    direction = np.zeros((sfm.n_verts, 3))
+    direction[:, 0] = 0.08 * np.cos(y / 20)  # one true albedo component
+    known = sfm.with_albedo(mean_albedo.astype(np.float32), direction.reshape(-1, 1).astype(np.float32), "test")
+    decoder = FaceDecoder(known)
+    truth = random_faces(decoder, 6, seed=3)
+    c = decoder.layout.split(truth)
+    c.alb.copy_(torch.linspace(-1.5, 1.5, 6)[:, None])
+    c.sh[:, [3, 12, 21]] = 0.1
+    batch = synthetic_batch(decoder, truth)
+    reflectance, weight = reflectance_samples(decoder, truth, batch.photo, batch.face_mask)
+    mean, basis = build_albedo_model(reflectance.numpy(), weight.numpy(), n_components=2)
+    seen = weight.numpy().sum(0) > 0.5
+    assert seen.mean() > 0.6
+    err = np.abs(mean[seen] - mean_albedo[seen]).mean()
+    assert err < 0.02, err
+    # the first principal direction is the generating one
+    cos = abs(basis[:, 0] @ direction.ravel()) / (np.linalg.norm(basis[:, 0]) * np.linalg.norm(direction))
+    assert cos > 0.9, cos
+
+
+def test_albedo_model_rejects_nothing_seen_and_handles_one_face():
+    with pytest.raises(ValueError, match="no vertex was seen"):
+        build_albedo_model(np.ones((2, 5, 3)), np.zeros((2, 5)), 3)
+    mean, basis = build_albedo_model(np.full((1, 4, 3), 0.5), np.ones((1, 4)), 3)
+    assert basis.shape == (12, 0) and np.allclose(mean, 0.5)
+
+
+def test_sample_at_vertices_reads_pixel_centres():
+    image = torch.arange(16.0).view(1, 1, 4, 4)
+    pts = torch.tensor([[[0.0, 0.0], [3.0, 1.0], [1.5, 2.0]]])
+    torch.testing.assert_close(sample_at_vertices(image, pts)[0, :, 0], torch.tensor([0.0, 7.0, 9.5]))
+
+
+# ---------------------------------------------------------------- outputs on the original photo
+
+def test_crop_results_map_back_to_the_photo():
+    angle, scale = math.radians(20), 0.8
+    m = np.array([[scale * math.cos(angle), -scale * math.sin(angle), 30.0],
+                  [scale * math.sin(angle), scale * math.cos(angle), -12.0]])
+    photo_pts = np.array([[50.0, 60.0], [120.0, 80.0], [90.0, 150.0]])
+    crop_pts = photo_pts @ m[:, :2].T + m[:, 2]
+    np.testing.assert_allclose(crop_to_photo_px(crop_pts, m), photo_pts, atol=1e-9)
+
+
+def test_overlay_lands_where_the_crop_came_from():
+    """A white square rendered in crop space shows up at its photo-space location."""
+    m = np.array([[2.0, 0.0, -40.0], [0.0, 2.0, -20.0]])  # photo -> crop: crop = 2 * photo - (40, 20)
+    photo = np.zeros((200, 200, 3), np.uint8)
+    render = np.zeros((224, 224, 3), np.float32)
+    mask = np.zeros((224, 224), np.float32)
+    render[100:140, 60:100] = 1.0
+    mask[100:140, 60:100] = 1.0
+    out = overlay_on_photo(photo, render, mask, m, alpha=1.0)
+    # crop x in [60, 100) <- photo x in [50, 70); crop y in [100, 140) <- photo y in [60, 80)
+    assert out[65:75, 55:65].min() > 240 and out[:50].max() == 0 and out[90:].max() == 0
