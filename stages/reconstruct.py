@@ -65,20 +65,20 @@ def pick_device(rank: int) -> torch.device:
 
 
 def gather_faces(args, params: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(faces table, rejects table) from the shards, a folder or photos."""
-    from pipeline.detect import preprocess_photos
+    """(faces table, rejects table) from the shards, a folder or photos (preprocessed here as the stages do)."""
+    from pipeline.detect import CropSettings, LandmarkSettings, list_photos, preprocess_photos
+    from pipeline.segment import MaskSettings
     from pipeline.shards import read_faces
 
     if not args.photos and args.images is None:
         shards = sorted(Path(params["reconstruct"]["shards"]).glob("*.parquet"))
-        return read_faces(shards), pd.DataFrame(columns=["path", "stage", "reason"])
-    photos = list(args.photos)
-    if args.images is not None:
-        photos += sorted(p for p in args.images.rglob("*") if p.is_file())
-    missing = [p for p in photos if not p.exists()]
+        return read_faces(shards), pd.DataFrame(columns=["path", "stage", "reason", "detail", "id"])
+    missing = [p for p in [*args.photos, *([args.images] if args.images else [])] if not p.exists()]
     if missing:
-        raise SystemExit(f"no such file: {', '.join(map(str, missing))}")
-    return preprocess_photos(photos, params)
+        raise SystemExit(f"no such file or folder: {', '.join(map(str, missing))}")
+    photos = list(args.photos) + (list_photos(args.images) if args.images is not None else [])
+    return preprocess_photos(photos, CropSettings(**params["crop"]), LandmarkSettings(**params["landmarks"]),
+                             MaskSettings(**params["masks"]), params["workers"], root=args.images)
 
 
 def main(argv=None) -> None:
@@ -92,6 +92,11 @@ def main(argv=None) -> None:
     report = args.report or (Path("reports/reconstruct.json") if dvc_mode else out / "summary.json")
 
     faces, rejects = gather_faces(args, params)
+    if not dvc_mode and rank == 0:
+        for r in rejects.itertuples(index=False):
+            print(f"{r.path}: {r.reason} ({r.detail})", file=sys.stderr)
+        if len(faces) == 0:
+            raise SystemExit("no face to reconstruct")
     faces = faces.iloc[rank::world].reset_index(drop=True)
     model = load_face_model(p["face_model"])
     decoder = FaceDecoder(model).to(device)

@@ -71,7 +71,7 @@ def face_rows(decoder: FaceDecoder, coeffs: torch.Tensor, terms: dict[str, torch
         pitch, yaw, roll = np.degrees(c.rot[i].cpu().numpy())
         row = {"id": meta.id, "source": meta.source, "face_index": int(meta.face_index), "method": method,
                "files_stem": file_stem(meta.id)}
-        row.update({name: getattr(c, name)[i].cpu().numpy().astype(np.float32) for name in c._fields})
+        row.update({f"coeff_{name}": getattr(c, name)[i].cpu().numpy().astype(np.float32) for name in c._fields})
         row.update(
             pitch_deg=float(pitch), yaw_deg=float(yaw), roll_deg=float(roll),
             lmk_crop_px=lmk_crop.astype(np.float32).reshape(-1),

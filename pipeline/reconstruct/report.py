@@ -38,6 +38,8 @@ SHADING_BACKGROUND_RGB = (38, 42, 48)  # dark backdrop: light grey geometry read
 COEFF_COLUMN_PREFIX = "coeff_"
 
 COLUMNS = ("Input crop", "Overlay on photo", "Mesh shading", "Landmarks")
+# Box width of each column relative to the thumbnail box: the overlay shows the whole (often landscape) photo.
+COLUMN_WIDTHS = (1.0, 1.5, 1.0, 1.0)
 LIST_PREVIEW_ITEMS = 8  # longer lists in the metrics JSON are cut to this many items
 
 
@@ -98,10 +100,10 @@ def read_rgb(path: Path) -> np.ndarray | None:
     return decode_rgb(path.read_bytes()) if path.is_file() else None
 
 
-def thumbnail(rgb: np.ndarray, box_px: int) -> np.ndarray:
-    """Downscale (H, W, 3) uint8 so its longer side is at most box_px (never upscaled); keeps the aspect."""
+def thumbnail(rgb: np.ndarray, width_px: int, height_px: int) -> np.ndarray:
+    """Downscale (H, W, 3) uint8 to fit a width_px x height_px box (never upscaled); keeps the aspect."""
     h, w = rgb.shape[:2]
-    scale = box_px / max(h, w)
+    scale = min(width_px / w, height_px / h)
     if scale >= 1:
         return rgb
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
@@ -146,7 +148,7 @@ def face_cards(table: pd.DataFrame, decoder: FaceDecoder, faces_dir: Path,
 
 def format_value(value) -> str:
     """A metric value as short text: floats to 4 significant digits, lists cut to LIST_PREVIEW_ITEMS items."""
-    if value is None:
+    if value is None or (isinstance(value, Mapping) and not value):
         return "\u2014"
     if isinstance(value, bool):
         return "yes" if value else "no"
@@ -163,11 +165,12 @@ def format_value(value) -> str:
 
 
 def flatten_metrics(metrics: Mapping, prefix: str = "") -> list[tuple[str, object]]:
-    """Nested metrics -> [(dotted key, leaf value)] in document order; lists of mappings are indexed `key[i]`."""
+    """Nested metrics -> [(dotted key, leaf value)] in document order; lists of mappings are indexed `key[i]`,
+    an empty mapping is one row of its own (shown as a dash) so the key stays visible."""
     rows = []
     for key, value in metrics.items():
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
+        if isinstance(value, Mapping) and value:
             rows += flatten_metrics(value, name + ".")
         elif isinstance(value, (list, tuple)) and any(isinstance(v, Mapping) for v in value):
             for i, item in enumerate(value):
@@ -194,18 +197,19 @@ def metrics_table_html(title: str, metrics: Mapping) -> str:
     return f'<section class="card metrics"><h2>{_e(title)}</h2><table class="kv">{body}</table></section>'
 
 
-def image_cell_html(rgb: np.ndarray | None, alt: str, box_px: int, quality: int) -> str:
-    """A contact-sheet cell: the JPEG thumbnail, or a 'not available' box of the same size."""
+def image_cell_html(rgb: np.ndarray | None, alt: str, width_px: int, height_px: int, quality: int) -> str:
+    """A contact-sheet cell: the JPEG thumbnail in a width_px x height_px box, or a 'not available' box."""
+    size = f'style="width:{width_px}px;height:{height_px}px"'
     if rgb is None:
-        return '<td><div class="thumb missing">not available</div></td>'
-    uri = jpeg_data_uri(thumbnail(rgb, box_px), quality)
-    return f'<td><img class="thumb" src="{uri}" alt="{_e(alt)}"></td>'
+        return f'<td><div class="thumb missing" {size}>not available</div></td>'
+    uri = jpeg_data_uri(thumbnail(rgb, width_px, height_px), quality)
+    return f'<td><img class="thumb" {size} src="{uri}" alt="{_e(alt)}"></td>'
 
 
 def face_row_html(card: FaceCard, box_px: int, quality: int) -> str:
     """One `<tr class="face">`: the four image cells and the caption (id, method, source, angles, PSNR)."""
-    cells = "".join(image_cell_html(img, f"{col} of {card.face_id}", box_px, quality)
-                    for col, img in zip(COLUMNS, card.images))
+    cells = "".join(image_cell_html(img, f"{col} of {card.face_id}", round(box_px * width), box_px, quality)
+                    for col, width, img in zip(COLUMNS, COLUMN_WIDTHS, card.images))
     caption = (f'<div class="fid">{_e(card.face_id)}</div>'
                f'<div><span class="method">{_e(card.method)}</span></div>'
                f'<div class="source" title="{_e(card.source)}">{_e(Path(card.source).name)}</div>'
@@ -239,7 +243,7 @@ table.sheet thead th{font-size:12px;font-weight:600;color:#55606d;text-transform
 text-align:left;vertical-align:bottom;padding:0 8px 8px}
 table.sheet td{padding:8px;border-top:1px solid #eceef1;vertical-align:middle}
 table.sheet tbody tr:first-child td{border-top:0}
-.thumb{display:block;width:var(--box);height:var(--box);object-fit:contain;background:#eef0f3;border-radius:4px}
+.thumb{display:block;object-fit:contain;background:#eef0f3;border-radius:4px}
 .missing{display:flex;align-items:center;justify-content:center;text-align:center;font-size:11px;color:#8a94a0;
 border:1px dashed #c9cfd6;background:#f8f9fa}
 td.caption{width:100%;min-width:200px;font-size:13px}
@@ -260,7 +264,7 @@ def report_html(title: str, summary: str, metrics: Mapping[str, Mapping], cards:
                 box_px: int, quality: int) -> str:
     """The complete self-contained page: header, one table per metrics section, the contact sheet.
 
-    metrics: {section title: nested metrics}; box_px: thumbnail box size in px; quality: JPEG quality 1-100."""
+    metrics: {section title: nested metrics}; box_px: thumbnail box height in px; quality: JPEG quality 1-100."""
     sections = "".join(metrics_table_html(t, m) for t, m in metrics.items())
     metrics_block = (f'<div class="metrics-grid">{sections}</div>' if sections
                      else '<p class="none">No metrics files yet.</p>')
@@ -269,7 +273,7 @@ def report_html(title: str, summary: str, metrics: Mapping[str, Mapping], cards:
               '<span class="dot" style="background:#eb2828"></span>fitted</div>')
     head = "".join(f"<th>{_e(c)}{legend if c == 'Landmarks' else ''}</th>" for c in COLUMNS) + "<th>Face</th>"
     rows = "".join(face_row_html(card, box_px, quality) for card in cards)
-    sheet = (f'<table class="sheet" style="--box:{box_px}px"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody>'
+    sheet = (f'<table class="sheet"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody>'
              f'</table>' if cards else '<p class="none">No reconstructed faces.</p>')
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             '<meta name="viewport" content="width=device-width,initial-scale=1">'

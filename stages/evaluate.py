@@ -1,0 +1,92 @@
+"""Stage `evaluate`: ground-truth benchmarks with the eos peer in the same run -> reports/metrics.json.
+
+- Synthetic benchmark: data/synth/truth.parquet vs the `reconstruct_synth` output (the full path: detection,
+  alignment, fitting). eos fits the SAME dlib landmarks that reconstruction recorded (`dlib_lmk_px`), so both
+  methods see identical detections. Vertex errors: per face, the mean (and median) distance over the face region
+  after a Procrustes alignment (evaluate.alignment), then the mean over faces.
+- Annotated photos (evaluate.annotations, .pts/.mat): landmark NME of our projected landmarks and of dlib's,
+  from the `reconstruct_annotated` output; an undetected face counts in landmark_nme_missed.
+- Real photos: masked PSNR, the mean of the `reconstruct` stage's per-face values.
+
+Direction of the ratios: vertex_error_vs_eos = ours / eos (< 1: we are more accurate); fit_speed_vs_eos =
+our reconstruction s/face over eos's s/face (< 1: we are faster). Our time is the reconstruct stage's own
+wall time per face (fitting + output files, preprocessing excluded); eos's is its fit alone.
+Per-face numbers go to reports/evaluate_faces.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from pipeline.evaluate.annotations import find_annotations
+from pipeline.evaluate.benchmark import (N_LANDMARKS, add_peer_scores, annotated_metrics, annotated_scores,
+                                         stack_column, synthetic_metrics, synthetic_scores)
+from pipeline.evaluate.eos_baseline import SFM_VERTS, EosFitter
+from pipeline.face_model import load_face_model
+
+
+def seconds_per_face(summary_path: Path) -> float | None:
+    """Wall time per face from a reconstruct summary.json ({faces, seconds, ...}); None if it has no faces."""
+    summary = json.loads(summary_path.read_text())
+    return summary["seconds"] / summary["faces"] if summary.get("faces") else None
+
+
+def run_eos(scores: pd.DataFrame, truth: pd.DataFrame, recon: pd.DataFrame, fitter: EosFitter) -> tuple:
+    """eos on each scored face's recorded dlib landmarks: (verts (N, 3448, 3) mm, lmk (N, 68, 2) px, seconds (N,))."""
+    canvas = truth.set_index("file").loc[scores["file"], "canvas_px"].to_numpy()
+    lmk = stack_column(recon.loc[scores["recon_row"], "dlib_lmk_px"], (N_LANDMARKS, 2))
+    fits = [fitter.fit(points, int(size), int(size)) for points, size in zip(lmk, canvas)]
+    return (np.stack([f.verts_mm for f in fits]).reshape(-1, SFM_VERTS, 3), np.stack([f.lmk_px for f in fits]),
+            np.array([f.seconds for f in fits]))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--synth", type=Path, default=Path("data/synth"), help="truth.parquet + reconstructions/")
+    ap.add_argument("--annotated", type=Path, default=Path("data/annotated/reconstructions"))
+    ap.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"))
+    ap.add_argument("--faces", type=Path, default=Path("reports/evaluate_faces.csv"))
+    args = ap.parse_args(argv)
+    params = yaml.safe_load(args.params.read_text())
+    p = params["evaluate"]
+    model = load_face_model(params["synth"]["face_model"])
+
+    truth = pd.read_parquet(args.synth / "truth.parquet")
+    recon = pd.read_parquet(args.synth / "reconstructions" / "coefficients.parquet")
+    scores = synthetic_scores(truth, recon, model.mean_shape, model.face_region, p["alignment"])
+    if model.n_verts == SFM_VERTS and len(scores):
+        fitter = EosFitter(p["sfm_dir"], model.landmarks, p["eos_iterations"], p["eos_lambda_identity"],
+                           p["eos_lambda_expressions"])
+        verts, lmk, seconds = run_eos(scores, truth, recon, fitter)
+        scores = add_peer_scores(scores, truth, verts, lmk, seconds, model.face_region, p["alignment"])
+    else:  # eos fits the SFM 3448; another model's meshes have no vertex correspondence with it
+        print(f"eos peer skipped: face model has {model.n_verts} vertices, eos fits the SFM {SFM_VERTS}")
+    metrics = synthetic_metrics(scores, len(truth),
+                                seconds_per_face(args.synth / "reconstructions" / "summary.json"))
+
+    annotations = find_annotations(p["annotated_images"], p["annotations"])
+    annotated = pd.read_parquet(args.annotated / "coefficients.parquet")
+    ann_scores = annotated_scores(annotated, annotations)
+    metrics.update(annotated_metrics(ann_scores))
+
+    photos = pd.read_parquet(Path(params["reconstruct"]["out"]) / "coefficients.parquet")
+    psnr = photos["masked_psnr"].to_numpy(np.float64) if len(photos) else np.zeros(0)
+    metrics.update(masked_psnr=float(np.nanmean(psnr)) if len(psnr) else None, masked_psnr_count=int(len(psnr)))
+
+    args.metrics.parent.mkdir(parents=True, exist_ok=True)
+    args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+    faces = pd.concat([scores.drop(columns="recon_row").assign(set="synthetic"),
+                       ann_scores.rename(columns={"image": "file"}).assign(set="annotated")], ignore_index=True)
+    faces.to_csv(args.faces, index=False, float_format="%.5g")
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}))
+
+
+if __name__ == "__main__":
+    main()

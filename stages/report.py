@@ -1,0 +1,57 @@
+"""Stage `report`: reports/index.html, one self-contained page with the metrics tables and a contact sheet of
+the reconstructed faces (input crop, overlay on the photo, mesh shading, landmarks)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from pipeline.face_model import FaceDecoder, load_face_model
+from pipeline.reconstruct.report import face_cards, read_metrics, report_html
+from pipeline.shards import decode_rgb, read_faces
+
+
+def input_crops(shards_dir: Path, ids: set[str]) -> dict:
+    """{face id: aligned input crop (S, S, 3) uint8 RGB} for the ids found in the Parquet shards."""
+    faces = read_faces(sorted(shards_dir.glob("*.parquet")))
+    faces = faces[faces["id"].isin(ids)]
+    return {face_id: decode_rgb(crop) for face_id, crop in zip(faces["id"], faces["crop"])}
+
+
+def summary_line(table: pd.DataFrame, shown: int, model_name: str) -> str:
+    """e.g. '27 faces from 25 photos · methods: fit · face model: sfm (showing 20 of 27)'."""
+    text = (f"{len(table)} faces from {table['source'].nunique()} photos \u00b7 "
+            f"methods: {', '.join(sorted(table['method'].unique()))} \u00b7 face model: {model_name}")
+    return text if shown == len(table) else f"{text} (showing the first {shown})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out", default="reports/index.html")
+    args = ap.parse_args()
+    params = yaml.safe_load(Path(args.params).read_text())
+    p, rec = params["report"], params["reconstruct"]  # the report shows what the reconstruct stage wrote
+
+    reconstructions = Path(rec["out"])
+    table = pd.read_parquet(reconstructions / "coefficients.parquet")
+    shown = table.head(p["max_faces"])
+    model = load_face_model(rec["face_model"])  # the model the coefficients belong to
+    crops = input_crops(Path(rec["shards"]), set(shown["id"]))
+    cards = face_cards(shown, FaceDecoder(model), reconstructions / "faces", crops)
+    metrics = read_metrics({title: Path(path) for title, path in p["metrics"].items()})
+    page = report_html(p["title"], summary_line(table, len(shown), model.name), metrics, cards,
+                       p["thumb_px"], p["jpeg_quality"])
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    missing = sum(img is None for card in cards for img in card.images)
+    print(f"{len(cards)} faces, {len(metrics)} metrics tables, {missing} images not available, "
+          f"{out.stat().st_size / 1e6:.2f} MB -> {out}")
+
+
+if __name__ == "__main__":
+    main()
