@@ -12,7 +12,7 @@ from pipeline.face_model import FaceDecoder
 from pipeline.face_model.sfm import convert_sfm
 from pipeline.losses import landmark_weights
 from pipeline.reconstruct.albedo import build_albedo_model, reflectance_samples, sample_at_vertices
-from pipeline.reconstruct.batch import FaceBatch, masked_psnr_db, reconstruct_batch, visible_vertices
+from pipeline.reconstruct.batch import FaceBatch, reconstruct_batch, visible_vertices
 from pipeline.reconstruct.export import crop_to_photo_px, overlay_on_photo
 from pipeline.reconstruct.fit import FitSettings, fit_coefficients
 from pipeline.render.face import render_face
@@ -86,15 +86,6 @@ def test_network_method_requires_a_network_and_validates_method(sfm):
     zero_net = lambda photo: decoder.layout.zeros(photo.shape[0])  # noqa: E731 - the mean-face "network"
     coeffs, terms = reconstruct_batch(decoder, batch, "network", FitSettings(), landmark_weights(), zero_net)
     assert torch.equal(coeffs, decoder.layout.zeros(1)) and float(terms["landmark"][0]) == pytest.approx(0, abs=1e-6)
-
-
-def test_masked_psnr_matches_hand_computed_value():
-    photo = torch.zeros(1, 3, 4, 4)
-    render = torch.full((1, 3, 4, 4), 0.1)  # MSE 0.01 -> 20 dB
-    mask = torch.zeros(1, 1, 4, 4)
-    mask[..., :2, :2] = 1
-    render[..., 2:, 2:] = 1.0  # outside the mask: ignored
-    assert float(masked_psnr_db(render, photo, mask)[0]) == pytest.approx(20.0, abs=1e-4)
 
 
 def test_visible_vertices_front_not_back(sfm):

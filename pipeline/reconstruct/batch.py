@@ -52,10 +52,3 @@ def visible_vertices(face: FaceRender, triangles: torch.Tensor, n_verts: int) ->
     hits = torch.zeros(b, n_verts, device=triangles.device)
     hits.index_add_(1, triangles.reshape(-1), won[:, 1:].repeat_interleave(3, dim=1))
     return (hits > 0) & (face.decoded.normals_cam[..., 2] > 0)
-
-
-def masked_psnr_db(render: torch.Tensor, photo: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """PSNR (B,) dB of render vs photo (B, 3, S, S) in [0, 1] over pixels weighted by mask (B, 1, S, S)."""
-    weight = mask.sum(dim=(1, 2, 3)) * 3
-    mse = ((render - photo) ** 2 * mask).sum(dim=(1, 2, 3)) / weight.clamp_min(1e-8)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))

@@ -13,7 +13,8 @@ import torch
 from ..face_model import FaceDecoder
 from ..render.face import FaceRender, render_face
 from ..render.mesh_io import write_obj
-from .batch import FaceBatch, masked_psnr_db, visible_vertices
+from ..evaluate.metrics import masked_psnr
+from .batch import FaceBatch, visible_vertices
 from .export import crop_to_photo_px, draw_landmarks, overlay_on_photo, photo_vertex_colors, write_png
 
 
@@ -62,7 +63,8 @@ def face_rows(decoder: FaceDecoder, coeffs: torch.Tensor, terms: dict[str, torch
     Returns the rows and the render (B faces) they were measured on."""
     with torch.no_grad():
         face = render_face(decoder, coeffs)
-        psnr = masked_psnr_db(face.image, batch.photo, batch.face_mask * face.mask)
+        psnr = masked_psnr(face.image.cpu().numpy(), batch.photo.cpu().numpy(),
+                           (batch.face_mask * face.mask).cpu().numpy())
     c = decoder.layout.split(coeffs)
     rows = []
     for i, meta in enumerate(faces.itertuples(index=False)):

@@ -1,0 +1,89 @@
+"""Stage `bench`: throughput of every hot path beside its peer or bound, measured in one run on this machine
+-> reports/bench.json. Ratios compare numbers taken in the same run; absolute numbers depend on the machine.
+
+    renderer        render_sfm_img_s, render_bfm_size_img_s vs deodr_sfm_img_s (render_vs_deodr)
+    preprocessing   preprocess_img_s vs dlib_bound_img_s (preprocess_vs_dlib_bound)
+    reconstruction  reconstruct_network_img_s vs rnet_forward_bound_img_s, fit_s_per_image
+    training        train_img_s
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see stages/train.py: spinning threads stall under load
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from pipeline.bench.preprocess import dlib_bound_img_s, preprocess_img_s  # noqa: E402
+from pipeline.bench.reconstruct import reconstruct_throughput  # noqa: E402
+from pipeline.bench.render import (deodr_throughput, render_throughput, sfm_mean_face_scene,  # noqa: E402
+                                   synthetic_bfm_size_mesh)
+from pipeline.bench.train import train_images_per_second  # noqa: E402
+from pipeline.detect import CropSettings, LandmarkSettings, list_photos  # noqa: E402
+from pipeline.face_model import FaceDecoder, load_face_model  # noqa: E402
+from pipeline.losses.hybrid import LossWeights  # noqa: E402
+from pipeline.nets import build_rnet  # noqa: E402
+from pipeline.reconstruct.fit import FitSettings  # noqa: E402
+from pipeline.segment import MaskSettings  # noqa: E402
+from pipeline.shards import ShardDataset, read_faces  # noqa: E402
+from stages.train import train_config  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out", default="reports/bench.json")
+    args = ap.parse_args()
+    params = yaml.safe_load(Path(args.params).read_text())
+    b = params["bench"]
+    size, batch, repeats = b["size_px"], b["batch"], b["repeats"]
+    torch.manual_seed(0)
+    out: dict = {"device": "cuda" if torch.cuda.is_available() else "cpu", "cpu_count": os.cpu_count(),
+                 "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
+                 "size_px": size, "batch": batch}
+    device = torch.device(out["device"])
+
+    sfm = sfm_mean_face_scene(Path(params["face_model"]["sfm_dir"]) / "sfm_shape_3448.bin", device).repeat(batch)
+    bfm = synthetic_bfm_size_mesh(device).repeat(batch)
+    out["render_sfm_img_s"] = render_throughput(*sfm, size, size, repeats)
+    out["render_bfm_size_img_s"] = render_throughput(*bfm, size, size, repeats)
+    out["deodr_sfm_img_s"] = deodr_throughput(*sfm, size, size, repeats)
+    out["render_vs_deodr"] = out["render_sfm_img_s"] / out["deodr_sfm_img_s"]
+
+    images = Path(params["data"]["images"])
+    photos = list_photos(images)
+    crop = CropSettings(**params["crop"])
+    out["dlib_bound_img_s"] = dlib_bound_img_s(photos, crop, params["workers"])
+    out["preprocess_img_s"] = preprocess_img_s(photos, images, crop, LandmarkSettings(**params["landmarks"]),
+                                               MaskSettings(**params["masks"]), params["workers"])
+    out["preprocess_vs_dlib_bound"] = out["preprocess_img_s"] / out["dlib_bound_img_s"]
+
+    r = params["reconstruct"]
+    face_model = load_face_model(r["face_model"])
+    decoder = FaceDecoder(face_model).to(device)
+    faces = read_faces(sorted(Path(r["shards"]).glob("*.parquet")))
+    faces = faces.iloc[[i % len(faces) for i in range(batch)]].reset_index(drop=True)
+    cfg = train_config(params["train"])
+    network = build_rnet(cfg.arch, decoder.layout.size, None).to(device).eval()
+    fit = FitSettings(landmark_steps=r["landmark_steps"], full_steps=r["full_steps"], lr=r["lr"],
+                      weights=LossWeights(**r["loss_weights"]))
+    out.update(reconstruct_throughput(decoder, network, faces, fit, repeats))
+    out["reconstruct_vs_rnet_bound"] = out["reconstruct_network_img_s"] / out["rnet_forward_bound_img_s"]
+
+    train_faces = ShardDataset(sorted(Path(params["train"]["shards"]).glob("train-*.parquet")))
+    out["train_img_s"] = train_images_per_second(cfg, load_face_model(params["train"]["face_model"]), train_faces,
+                                                  device)
+
+    out = {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
