@@ -1,0 +1,115 @@
+"""Photos -> aligned 224 x 224 face crops (the `crop` stage): decode, detect, fit 68 landmarks, align on 5 points."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..shards.accounting import Rejected, StageReport, reject_row
+from ..shards.image_bytes import encode_jpeg
+from ..shards.stage_run import run_stage
+from ..shards.tables import CROPS_SCHEMA
+from .alignment import CROP_SIZE_PX, TEMPLATE_5PT_PX, box_to_crop, fit_similarity, five_points, warp_to_crop
+from .dlib_faces import DETECTORS, Detection, detect_faces, fit_landmarks
+from .photo_io import read_photo
+
+STAGE = "crop"
+NO_FACE = "no face"
+FACE_TOO_SMALL = "face too small"
+MULTI_FACE = ("largest", "all")
+
+
+@dataclass(frozen=True)
+class CropSettings:
+    """The `crop` params. detector: "hog" (CNN fallback) | "cnn"; multi_face: "largest" | "all"; upsample:
+    detector upsampling; min_score: detection score threshold; min_face_px: smallest face box side kept, photo
+    px (smaller photos are refused outright); max_pixels: larger photos are refused from their header;
+    detect_max_side_px: detect on a copy downscaled to this longest side; jpeg_quality: of the stored crops."""
+    detector: str = "hog"
+    multi_face: str = "largest"
+    upsample: int = 1
+    min_score: float = 0.0
+    min_face_px: int = 64
+    max_pixels: int = 40_000_000
+    detect_max_side_px: int = 1600
+    jpeg_quality: int = 95
+
+    def __post_init__(self):
+        if self.detector not in DETECTORS:
+            raise ValueError(f"crop.detector must be one of {DETECTORS}, got {self.detector!r}")
+        if self.multi_face not in MULTI_FACE:
+            raise ValueError(f"crop.multi_face must be one of {MULTI_FACE}, got {self.multi_face!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"crop.jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        if min(self.upsample, self.min_face_px, self.max_pixels, self.detect_max_side_px) < 0:
+            raise ValueError(f"crop sizes must be >= 0, got {self}")
+
+
+def face_id(photo_key: str, face_index: int) -> str:
+    """Stable face id: '<photo path relative to the input folder>#<face index>'."""
+    return f"{photo_key}#{face_index}"
+
+
+def photo_key(path: Path, root: Path | None) -> str:
+    """The photo part of face ids: its path relative to `root` (posix), or the path as given without a root."""
+    return path.relative_to(root).as_posix() if root is not None else path.as_posix()
+
+
+def select_faces(detections: list[Detection], settings: CropSettings) -> list[Detection]:
+    """The detections to crop, largest first: at least min_face_px, the largest only or all of them.
+    Raises Rejected 'no face' / 'face too small' when none is left."""
+    if not detections:
+        raise Rejected(NO_FACE, f"no {settings.detector} detection scoring >= {settings.min_score}")
+    large = [d for d in detections if d.side_px >= settings.min_face_px]
+    if not large:
+        raise Rejected(FACE_TOO_SMALL, f"largest face {detections[0].side_px:.0f} px < {settings.min_face_px} px")
+    return large[:1] if settings.multi_face == "largest" else large
+
+
+def align_face(rgb: np.ndarray, detection: Detection) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Align one detected face. rgb: (H, W, 3) uint8 photo. Returns the crop (224, 224, 3) uint8, the transform
+    (2, 3) float64 photo px -> crop px and the 68 landmarks fitted in the photo, (68, 2) float32 photo px."""
+    lmk_photo_px = fit_landmarks(rgb, detection.box_px)
+    transform = fit_similarity(five_points(lmk_photo_px), TEMPLATE_5PT_PX)
+    return warp_to_crop(rgb, transform, CROP_SIZE_PX), transform, lmk_photo_px
+
+
+def crop_photo(path: str | Path, settings: CropSettings, root: str | Path | None = None) -> list[dict]:
+    """The face crops of one photo, as rows of CROPS_SCHEMA (id, source, face_index, crop JPEG bytes, transform
+    6 values photo px -> crop px, box_crop (4,) crop px, score, detector, width, height in photo px).
+
+    root: the input folder that face ids are relative to (None: ids use the path as given).
+    Raises Rejected (bad file, no face, face too small).
+    """
+    path = Path(path)
+    rgb = read_photo(path, settings.max_pixels, min_side_px=settings.min_face_px)
+    found = detect_faces(rgb, settings.detector, settings.upsample, settings.min_score, settings.detect_max_side_px)
+    key = photo_key(path, Path(root) if root is not None else None)
+    rows = []
+    for index, detection in enumerate(select_faces(found, settings)):
+        crop, transform, _ = align_face(rgb, detection)
+        rows.append({
+            "id": face_id(key, index), "source": str(path), "face_index": index,
+            "crop": encode_jpeg(crop, settings.jpeg_quality), "transform": transform.reshape(-1),
+            "box_crop": box_to_crop(detection.box_px, transform), "score": detection.score,
+            "detector": detection.detector, "width": rgb.shape[1], "height": rgb.shape[0]})
+    return rows
+
+
+def crop_task(path: Path, settings: CropSettings, root: Path | None) -> tuple[list[dict], list[dict]]:
+    """crop_photo as a stage task: (crop rows, []) or ([], [the photo's reject row]); never raises."""
+    try:
+        return crop_photo(path, settings, root), []
+    except Exception as error:  # noqa: BLE001 - a bad photo becomes a reject row, never a crashed run
+        return [], [reject_row(str(path), STAGE, error)]
+
+
+def run_crop(photos: list[Path], root: Path | None, settings: CropSettings, workers: int, crops_path: Path,
+             rejects_path: Path) -> StageReport:
+    """The `crop` stage over `photos`: writes the crops table (CROPS_SCHEMA) and its rejects (REJECTS_SCHEMA),
+    both atomically, and returns the stage report (inputs = photos, outputs = faces). Every photo ends up with
+    at least one crop or one reject row."""
+    task = functools.partial(crop_task, settings=settings, root=root)
+    return run_stage(STAGE, task, photos, len(photos), workers, 1, crops_path, CROPS_SCHEMA, rejects_path)

@@ -1,0 +1,41 @@
+"""Stage `masks`: a soft face-region mask per aligned crop (data/interim/masks.parquet, 224 x 224 PNG, 0..255) by
+BiSeNet face parsing when masks.bisenet_weights is set, else by the landmark-guided skin colour model; faces
+refused in data/interim/masks_rejects.parquet; metrics in reports/masks.json."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+from pipeline.segment import MaskSettings, run_masks
+
+CROPS = Path("data/interim/crops.parquet")
+LANDMARKS = Path("data/interim/landmarks.parquet")
+MASKS = Path("data/interim/masks.parquet")
+REJECTS = Path("data/interim/masks_rejects.parquet")
+REPORT = Path("reports/masks.json")
+
+
+def parsing_device(settings: MaskSettings) -> str:
+    """Where BiSeNet runs: the GPU when there is one (torch is only imported when BiSeNet is used)."""
+    if not settings.bisenet_weights:
+        return "cpu"
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    params = yaml.safe_load(Path(args.params).read_text())
+    settings = MaskSettings(**params["masks"])
+    report = run_masks(CROPS, LANDMARKS, settings, params["workers"], parsing_device(settings), MASKS, REJECTS)
+    report.write_json(REPORT)
+    print(json.dumps(report.as_dict()))
+
+
+if __name__ == "__main__":
+    main()

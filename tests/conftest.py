@@ -1,0 +1,31 @@
+"""Shared test paths: the repository root and the read-only reference data in ../shared."""
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+FACES = SHARED / "samples" / "faces"
+ANNOTATED = SHARED / "samples" / "annotated"
+
+
+@pytest.fixture(scope="session")
+def faces_dir() -> Path:
+    """../shared/samples/faces: 28 real photos (trump_hillary.jpg has two faces)."""
+    if not FACES.is_dir():
+        pytest.fail(f"reference photos missing: {FACES}")
+    return FACES
+
+
+def write_png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height over one row of data: decoding it would fail, so only a check of
+    the header can refuse it cleanly (a decompression-bomb stand-in that costs nothing to write)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 7))
+                     + chunk(b"IEND", b""))
