@@ -14,7 +14,6 @@ from tqdm import tqdm
 
 from pipeline.face_model import FaceDecoder, load_face_model, save_face_model
 from pipeline.losses import landmark_weights
-from pipeline.losses.hybrid import LossWeights
 from pipeline.reconstruct.albedo import build_albedo_model, reflectance_samples
 from pipeline.reconstruct.fit import FitSettings, fit_coefficients
 from pipeline.reconstruct.outputs import faces_to_batch
@@ -43,8 +42,7 @@ def main() -> None:
         if len(faces) == 0:
             raise SystemExit(f"no training faces in {args.shards}: the albedo model needs photos")
         decoder = FaceDecoder(model)
-        fit = FitSettings(landmark_steps=p["landmark_steps"], full_steps=p["full_steps"], lr=p["lr"],
-                          weights=LossWeights())
+        fit = FitSettings(landmark_steps=p["landmark_steps"], full_steps=p["full_steps"], lr=p["lr"])
         lmk_w = landmark_weights()
         samples, weights = [], []
         for lo in tqdm(range(0, len(faces), p["batch_size"]), desc="albedo: fit + sample"):

@@ -71,7 +71,8 @@ def main() -> None:
     cfg = train_config(params["train"])
     network = build_rnet(cfg.arch, decoder.layout.size, None).to(device).eval()
     fit = FitSettings(landmark_steps=r["landmark_steps"], full_steps=r["full_steps"], lr=r["lr"],
-                      weights=LossWeights(**r["loss_weights"]))
+                      weights=LossWeights(**r["loss_weights"]),
+                      landmark_stage_coefficient=r["landmark_stage_coefficient"])
     out.update(reconstruct_throughput(decoder, network, faces, fit, repeats))
     out["reconstruct_vs_rnet_bound"] = out["reconstruct_network_img_s"] / out["rnet_forward_bound_img_s"]
 

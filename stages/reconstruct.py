@@ -111,7 +111,8 @@ def main(argv=None) -> None:
             print(f"{checkpoint} not found: reconstructing by per-image fitting (method fit)", file=sys.stderr)
             method = "fit"
     weights = LossWeights(**p["loss_weights"])
-    fit = FitSettings(landmark_steps=p["landmark_steps"], full_steps=p["full_steps"], lr=p["lr"], weights=weights)
+    fit = FitSettings(landmark_steps=p["landmark_steps"], full_steps=p["full_steps"], lr=p["lr"], weights=weights,
+                      landmark_stage_coefficient=p["landmark_stage_coefficient"])
     lmk_w = landmark_weights().to(device)
     files = FaceOutputs(meshes=p["write_meshes"], overlays=p["write_overlays"], crops=p["write_crops"])
 

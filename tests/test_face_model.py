@@ -236,3 +236,37 @@ def test_landmark_only_decoding_matches_the_full_mesh(sfm):
     dec = FaceDecoder(sfm)
     coeffs = torch.randn(3, dec.layout.size) * 0.3
     torch.testing.assert_close(dec.landmark_px(dec.layout.split(coeffs)), dec(coeffs).lmk_px)
+
+
+def test_projected_landmarks_land_on_the_rendered_pixels_of_their_vertices(sfm):
+    from pipeline.render.face import render_face
+    dec = FaceDecoder(sfm)
+    coeffs = dec.layout.zeros(1)
+    dec.layout.split(coeffs).rot[0, 1] = math.radians(15)
+    face = render_face(dec, coeffs)
+    lmk = face.decoded.lmk_px[0]
+    gaps = []
+    for i in list(range(17, 68)):  # inner points: fixed vertices, visible at this pose
+        x, y = (int(round(float(v))) for v in lmk[i])
+        vertex_depth = face.decoded.verts_px[0, sfm.landmarks[i], 2]
+        assert face.mask[0, 0, y, x] == 1, i
+        gaps.append(abs(float(face.depth[0, 0, y, x] - vertex_depth)))
+    # world units (1 = 100 mm): rounding to the pixel centre moves <= 0.7 px, a few mm on steep brow ends;
+    # an occluder or the background would be centimetres off
+    assert max(gaps) < 0.06 and float(np.median(gaps)) < 0.01, gaps
+
+
+def test_jaw_landmarks_follow_the_silhouette_of_a_turned_head(sfm):
+    from pipeline.render.face import render_face
+    dec = FaceDecoder(sfm)
+    coeffs = dec.layout.zeros(1)
+    dec.layout.split(coeffs).rot[0, 1] = math.radians(40)  # the left jaw (points 9-16) turns away
+    face = render_face(dec, coeffs)
+    lmk = face.decoded.lmk_px[0]
+    static = face.decoded.verts_px[0, sfm.landmarks, :2]
+    mask = face.mask[0, 0]
+    for j in range(9, 16):
+        x, y = float(lmk[j, 0]), int(round(float(lmk[j, 1])))
+        outline_x = int(mask[y].nonzero().max())  # rightmost rendered pixel of that row
+        assert abs(x - outline_x) < 2.5, (j, x, outline_x)
+    assert float((lmk[9:16, 0] - static[9:16, 0]).abs().max()) > 3  # the static vertices are not the outline

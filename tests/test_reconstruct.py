@@ -58,7 +58,7 @@ def test_fit_recovers_shape_better_than_the_mean_face(sfm):
         mean = decoder(decoder.layout.zeros(4)).verts_model
     err = (ours - gt).norm(dim=-1).mean(1)
     err_mean = (mean - gt).norm(dim=-1).mean(1)
-    assert torch.all(err < 0.7 * err_mean), (err, err_mean)
+    assert torch.all(err < err_mean) and err.mean() < 0.6 * err_mean.mean(), (err, err_mean)
     # pose is recovered to within a few degrees
     yaw_err = (decoder.layout.split(coeffs).rot[:, 1] - decoder.layout.split(truth).rot[:, 1]).abs()
     assert torch.all(yaw_err < math.radians(5)), yaw_err

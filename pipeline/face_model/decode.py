@@ -131,6 +131,40 @@ def project(verts_cam: torch.Tensor, camera: Camera) -> torch.Tensor:
     return torch.stack([x_px, y_px, depth], dim=-1)
 
 
+# iBUG jaw points 0-7 lie on the subject's right (-x) outline, 9-16 on the left; 8 (chin) is fixed.
+JAW_RIGHT, JAW_LEFT = tuple(range(0, 8)), tuple(range(9, 17))
+JAW_BAND_MM = 3.0
+JAW_MIN_X_FRACTION = 0.35
+
+
+def jaw_contour_candidates(mean_shape: np.ndarray, landmarks: np.ndarray, band_mm: float = JAW_BAND_MM) -> np.ndarray:
+    """For each jaw landmark, the vertices of its horizontal row on its side of the face.
+
+    mean_shape: (V, 3) mm; landmarks: (68,) vertex ids. Returns (16, K) int64 for jaw points 0-7 then 9-16,
+    padded with -1: the vertices within band_mm of the landmark's height with x on the landmark's side.
+    2D annotators put jaw points on the face's silhouette, which slides across these rows as the head turns
+    (eos's contour fitting does the same with hand-made lists); a fixed vertex only matches frontal faces.
+    """
+    rows = []
+    for j in JAW_RIGHT + JAW_LEFT:
+        x_j, y_j = mean_shape[landmarks[j], :2]
+        # |x| > 0.35 |x_j| keeps the nose out of the upper rows, where it could outreach the far cheek
+        row = np.flatnonzero((np.abs(mean_shape[:, 1] - y_j) < band_mm)
+                             & (mean_shape[:, 0] * np.sign(x_j) > JAW_MIN_X_FRACTION * abs(x_j)))
+        rows.append(np.union1d(row, [landmarks[j]]))
+    k = max(len(r) for r in rows)
+    return np.stack([np.pad(r, (0, k - len(r)), constant_values=-1) for r in rows]).astype(np.int64)
+
+
+def silhouette_jaw_px(cand_px: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """cand_px: (B, 16, K, 2) projected candidates; candidates: (16, K) ids (-1 = padding) -> (B, 16, 2) the
+    outermost candidate in image x: the leftmost for the subject's right jaw, the rightmost for the left."""
+    side = torch.cat([cand_px.new_full((len(JAW_RIGHT),), 1.0), cand_px.new_full((len(JAW_LEFT),), -1.0)])
+    key = (cand_px[..., 0] * side[:, None]).masked_fill(candidates < 0, float("inf"))
+    pick = key.argmin(dim=-1)  # the selection is discrete; gradients flow through the picked vertex's position
+    return cand_px.gather(2, pick[..., None, None].expand(-1, -1, 1, 2)).squeeze(2)
+
+
 class Decoded(NamedTuple):
     verts_model: torch.Tensor  # (B, V, 3) mm, identity + expression, before pose
     verts_cam: torch.Tensor    # (B, V, 3) world units, posed
@@ -138,7 +172,7 @@ class Decoded(NamedTuple):
     normals_cam: torch.Tensor  # (B, V, 3) unit
     albedo: torch.Tensor       # (B, V, 3) reflectance
     colors: torch.Tensor       # (B, V, 3) albedo x SH irradiance
-    lmk_px: torch.Tensor       # (B, 68, 2) projected landmarks
+    lmk_px: torch.Tensor       # (B, 68, 2) projected landmarks (jaw points on the silhouette)
 
 
 class FaceDecoder(nn.Module):
@@ -165,6 +199,8 @@ class FaceDecoder(nn.Module):
                 self.register_buffer(key, tensor)
         self.register_buffer("triangles", torch.from_numpy(model.triangles))
         self.register_buffer("landmarks", torch.from_numpy(model.landmarks))
+        self.register_buffer("jaw_candidates", torch.from_numpy(jaw_contour_candidates(model.mean_shape,
+                                                                                       model.landmarks)))
 
     def shape(self, id_coeff: torch.Tensor, exp_coeff: torch.Tensor) -> torch.Tensor:
         """id_coeff: (B, K_id), exp_coeff: (B, K_exp) -> verts_model (B, V, 3) mm."""
@@ -180,12 +216,24 @@ class FaceDecoder(nn.Module):
         rotation = euler_to_rotation(rot)
         return (verts_model * MM_TO_WORLD) @ rotation.transpose(1, 2) + trans[:, None, :]
 
+    def _landmark_vertex_ids(self) -> torch.Tensor:
+        """(68 + 16 K,) the landmark vertices, then the jaw candidates (padding mapped to vertex 0)."""
+        return torch.cat([self.landmarks, self.jaw_candidates.clamp_min(0).reshape(-1)])
+
+    def _landmarks_from(self, px: torch.Tensor) -> torch.Tensor:
+        """px: (B, 68 + 16 K, 2) projections of _landmark_vertex_ids -> (B, 68, 2), jaw on the silhouette."""
+        n = len(self.landmarks)
+        jaw = silhouette_jaw_px(px[:, n:].unflatten(1, self.jaw_candidates.shape), self.jaw_candidates)
+        jaw_ids = torch.tensor(JAW_RIGHT + JAW_LEFT, device=px.device)
+        return px[:, :n].index_copy(1, jaw_ids, jaw)
+
     def landmark_px(self, c: Coeffs) -> torch.Tensor:
         """The projected 68 landmarks (B, 68, 2) px from split coefficients, without decoding the whole mesh."""
-        rows = (self.landmarks[:, None] * 3 + torch.arange(3, device=self.landmarks.device)).reshape(-1)
+        ids = self._landmark_vertex_ids()
+        rows = (ids[:, None] * 3 + torch.arange(3, device=ids.device)).reshape(-1)
         offsets = c.id @ self.id_basis[rows].T + c.exp @ self.exp_basis[rows].T
-        verts_model = self.mean_shape[self.landmarks] + offsets.view(-1, len(self.landmarks), 3)
-        return project(self.pose(verts_model, c.rot, c.trans), self.camera)[..., :2]
+        verts_model = self.mean_shape[ids] + offsets.view(-1, len(ids), 3)
+        return self._landmarks_from(project(self.pose(verts_model, c.rot, c.trans), self.camera)[..., :2])
 
     def forward(self, coeffs: torch.Tensor) -> Decoded:
         """coeffs: (B, layout.size) -> Decoded (see its fields for shapes and units)."""
@@ -197,4 +245,4 @@ class FaceDecoder(nn.Module):
         albedo = self.albedo(c.alb)
         colors = albedo * sh_shading(normals, c.sh)
         return Decoded(verts_model, verts_cam, verts_px, normals, albedo, colors,
-                       verts_px[:, self.landmarks, :2])
+                       self._landmarks_from(verts_px[:, self._landmark_vertex_ids(), :2]))

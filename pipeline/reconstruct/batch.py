@@ -1,7 +1,7 @@
 """Batch reconstruction: faces (aligned crops + masks + landmarks) -> coefficients, one table row per face."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -37,7 +37,7 @@ def reconstruct_batch(decoder: FaceDecoder, batch: FaceBatch, method: str, fit: 
     with torch.no_grad():
         coeffs = network(batch.photo)
     if method == "network+fit":
-        refine = FitSettings(landmark_steps=0, full_steps=refine_steps, lr=fit.lr, weights=fit.weights)
+        refine = replace(fit, landmark_steps=0, full_steps=refine_steps)
         return fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, lmk_weights, refine, init=coeffs)
     with torch.no_grad():
         terms = per_face_terms(decoder, coeffs, batch.photo, batch.face_mask, batch.lmk_px, lmk_weights, fit.weights)
