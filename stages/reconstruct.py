@@ -121,8 +121,8 @@ def main(argv=None) -> None:
         for lo in range(0, len(faces), p["batch_size"]):
             chunk = faces.iloc[lo:lo + p["batch_size"]]
             batch = faces_to_batch(chunk, device)
-            coeffs, terms = reconstruct_batch(decoder, batch, method, fit, lmk_w, network, p["refine_steps"])
-            chunk_rows, render = face_rows(decoder, coeffs, terms, batch, chunk, method)
+            coeffs = reconstruct_batch(decoder, batch, method, fit, lmk_w, network, p["refine_steps"])
+            chunk_rows, render = face_rows(decoder, coeffs, batch, chunk, method, lmk_w, weights)
             write_face_files(out / "faces", chunk, chunk_rows, render, batch.photo, decoder, files)
             rows += chunk_rows
             bar.update(len(chunk))

@@ -14,7 +14,7 @@ from pipeline.losses import landmark_weights
 from pipeline.reconstruct.albedo import build_albedo_model, reflectance_samples, sample_at_vertices
 from pipeline.reconstruct.batch import FaceBatch, reconstruct_batch, visible_vertices
 from pipeline.reconstruct.export import crop_to_photo_px, overlay_on_photo
-from pipeline.reconstruct.fit import FitSettings, fit_coefficients
+from pipeline.reconstruct.fit import FitSettings, fit_coefficients, per_face_terms
 from pipeline.render.face import render_face
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -50,7 +50,7 @@ def test_fit_recovers_shape_better_than_the_mean_face(sfm):
     decoder = FaceDecoder(sfm)
     truth = random_faces(decoder, 4, seed=1)
     batch = synthetic_batch(decoder, truth)
-    coeffs, terms = fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, landmark_weights(),
+    coeffs = fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, landmark_weights(),
                                      FitSettings(landmark_steps=60, full_steps=60))
     with torch.no_grad():
         gt = decoder(truth).verts_model
@@ -62,7 +62,6 @@ def test_fit_recovers_shape_better_than_the_mean_face(sfm):
     # pose is recovered to within a few degrees
     yaw_err = (decoder.layout.split(coeffs).rot[:, 1] - decoder.layout.split(truth).rot[:, 1]).abs()
     assert torch.all(yaw_err < math.radians(5)), yaw_err
-    assert set(terms) >= {"photometric", "landmark", "coefficient"} and terms["landmark"].shape == (4,)
 
 
 def test_fitting_a_batch_equals_fitting_each_face(sfm):
@@ -70,8 +69,8 @@ def test_fitting_a_batch_equals_fitting_each_face(sfm):
     decoder = FaceDecoder(sfm)
     batch = synthetic_batch(decoder, random_faces(decoder, 2, seed=2))
     settings = FitSettings(landmark_steps=10, full_steps=5)
-    both, _ = fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, landmark_weights(), settings)
-    one, _ = fit_coefficients(decoder, batch.photo[1:], batch.face_mask[1:], batch.lmk_px[1:], landmark_weights(),
+    both = fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, landmark_weights(), settings)
+    one = fit_coefficients(decoder, batch.photo[1:], batch.face_mask[1:], batch.lmk_px[1:], landmark_weights(),
                               settings)
     torch.testing.assert_close(both[1:], one, atol=2e-4, rtol=1e-3)
 
@@ -84,8 +83,12 @@ def test_network_method_requires_a_network_and_validates_method(sfm):
     with pytest.raises(ValueError, match="method must be one of"):
         reconstruct_batch(decoder, batch, "magic", FitSettings(), landmark_weights())
     zero_net = lambda photo: decoder.layout.zeros(photo.shape[0])  # noqa: E731 - the mean-face "network"
-    coeffs, terms = reconstruct_batch(decoder, batch, "network", FitSettings(), landmark_weights(), zero_net)
-    assert torch.equal(coeffs, decoder.layout.zeros(1)) and float(terms["landmark"][0]) == pytest.approx(0, abs=1e-6)
+    coeffs = reconstruct_batch(decoder, batch, "network", FitSettings(), landmark_weights(), zero_net)
+    assert torch.equal(coeffs, decoder.layout.zeros(1))
+    face = render_face(decoder, coeffs)
+    terms = per_face_terms(decoder, face, coeffs, batch.photo, batch.face_mask, batch.lmk_px, landmark_weights(),
+                           FitSettings().weights)
+    assert float(terms["landmark"][0]) == pytest.approx(0, abs=1e-6) and terms["photometric"].shape == (1,)
 
 
 def test_visible_vertices_front_not_back(sfm):

@@ -26,7 +26,7 @@ def _median_seconds(fn, repeats: int) -> float:
 def reconstruct_throughput(decoder: FaceDecoder, network: torch.nn.Module, faces: pd.DataFrame, fit: FitSettings,
                            repeats: int) -> dict[str, float]:
     """faces: a table of B faces (crop/mask/landmarks bytes as in the shards). Returns
-    reconstruct_network_img_s (decode + R-Net + losses + table rows), rnet_forward_bound_img_s (R-Net forward on
+    reconstruct_network_img_s (decode + R-Net + one render for the loss terms and PSNR + table rows), rnet_forward_bound_img_s (R-Net forward on
     the same decoded batch), fit_s_per_image (method 'fit' at `fit` settings, whole batch / B)."""
     device = decoder.triangles.device
     lmk_w = landmark_weights().to(device)
@@ -34,8 +34,8 @@ def reconstruct_throughput(decoder: FaceDecoder, network: torch.nn.Module, faces
 
     def network_path():
         batch = faces_to_batch(faces, device)
-        coeffs, terms = reconstruct_batch(decoder, batch, "network", fit, lmk_w, network)
-        face_rows(decoder, coeffs, terms, batch, faces, "network")
+        coeffs = reconstruct_batch(decoder, batch, "network", fit, lmk_w, network)
+        face_rows(decoder, coeffs, batch, faces, "network", lmk_w, fit.weights)
 
     batch = faces_to_batch(faces, device)
 

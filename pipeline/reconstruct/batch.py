@@ -9,7 +9,7 @@ import torch
 from ..face_model import FaceDecoder
 from ..losses.hybrid import LossWeights
 from ..render.face import FaceRender, render_face
-from .fit import FitSettings, fit_coefficients, per_face_terms
+from .fit import FitSettings, fit_coefficients
 
 METHODS = ("fit", "network", "network+fit")
 
@@ -24,10 +24,10 @@ class FaceBatch:
 
 def reconstruct_batch(decoder: FaceDecoder, batch: FaceBatch, method: str, fit: FitSettings, lmk_weights: torch.Tensor,
                       network: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                      refine_steps: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Coefficients (B, C) and per-face loss terms {name: (B,)} by `method`:
-    'fit' (analysis by synthesis from the mean face), 'network' (one R-Net forward pass), 'network+fit' (R-Net
-    initialisation refined by `refine_steps` full fitting steps)."""
+                      refine_steps: int = 0) -> torch.Tensor:
+    """Coefficients (B, C) by `method`: 'fit' (analysis by synthesis from the mean face), 'network' (one R-Net
+    forward pass), 'network+fit' (the R-Net prediction refined by the landmark stage and `refine_steps` full
+    fitting steps)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "fit":
@@ -37,11 +37,9 @@ def reconstruct_batch(decoder: FaceDecoder, batch: FaceBatch, method: str, fit: 
     with torch.no_grad():
         coeffs = network(batch.photo)
     if method == "network+fit":
-        refine = replace(fit, landmark_steps=0, full_steps=refine_steps)
+        refine = replace(fit, full_steps=refine_steps)
         return fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, lmk_weights, refine, init=coeffs)
-    with torch.no_grad():
-        terms = per_face_terms(decoder, coeffs, batch.photo, batch.face_mask, batch.lmk_px, lmk_weights, fit.weights)
-    return coeffs, terms
+    return coeffs
 
 
 def visible_vertices(face: FaceRender, triangles: torch.Tensor, n_verts: int) -> torch.Tensor:

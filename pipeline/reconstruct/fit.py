@@ -59,12 +59,12 @@ def _group_mask(decoder: FaceDecoder, groups: tuple[str, ...], like: torch.Tenso
 
 def fit_coefficients(decoder: FaceDecoder, photo: torch.Tensor, face_mask: torch.Tensor, lmk_px: torch.Tensor,
                      lmk_weights: torch.Tensor, settings: FitSettings, init: torch.Tensor | None = None,
-                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     ) -> torch.Tensor:
     """Fit B faces jointly (one tensor, one optimiser; the loss is a per-face sum so faces stay independent).
 
     photo: (B, 3, S, S) crops in [0, 1]; face_mask: (B, 1, S, S) in [0, 1]; lmk_px: (B, 68, 2) crop pixels;
     lmk_weights: (68,); init: (B, C) start coefficients (default: the mean face, frontal).
-    Returns coefficients (B, C), detached, and the final per-face loss terms {name: (B,)}.
+    Returns coefficients (B, C), detached.
     """
     size = decoder.camera.size_px
     _check_batch(photo, face_mask, lmk_px, size)
@@ -74,7 +74,7 @@ def fit_coefficients(decoder: FaceDecoder, photo: torch.Tensor, face_mask: torch
     skin = decoder.face_region
     w = settings.weights
 
-    if settings.landmark_steps > 0 and init is None:
+    if settings.landmark_steps > 0:
         grad_mask = _group_mask(decoder, LANDMARK_STAGE_GROUPS, coeffs)
         opt = torch.optim.Adam([coeffs], lr=settings.lr)
         for _ in range(settings.landmark_steps):
@@ -96,17 +96,14 @@ def fit_coefficients(decoder: FaceDecoder, photo: torch.Tensor, face_mask: torch
         (b * total).backward()
         opt.step()
 
-    with torch.no_grad():
-        final = coeffs.detach()
-        terms = per_face_terms(decoder, final, photo, face_mask, lmk_px, lmk_weights, w)
-    return final, terms
+    return coeffs.detach()
 
 
-def per_face_terms(decoder: FaceDecoder, coeffs: torch.Tensor, photo: torch.Tensor, face_mask: torch.Tensor,
-                   lmk_px: torch.Tensor, lmk_weights: torch.Tensor, weights: LossWeights) -> dict[str, torch.Tensor]:
-    """The hybrid loss terms of each face separately: {name: (B,)} (a loop over faces of one-face batches
-    would re-render; instead the batch is rendered once and the terms are evaluated per row)."""
-    face = render_face(decoder, coeffs)
+def per_face_terms(decoder: FaceDecoder, face: FaceRender, coeffs: torch.Tensor, photo: torch.Tensor,
+                   face_mask: torch.Tensor, lmk_px: torch.Tensor, lmk_weights: torch.Tensor,
+                   weights: LossWeights) -> dict[str, torch.Tensor]:
+    """The unweighted hybrid loss terms of each face of a rendered batch: {name: (B,)}. face: the render of
+    coeffs (B, C); the other tensors as in fit_coefficients. Rendering once and slicing rows keeps this cheap."""
     c = decoder.layout.split(coeffs)
     def row(i: int, tensors):
         return [t[i:i + 1] for t in tensors]

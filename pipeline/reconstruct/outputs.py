@@ -5,16 +5,18 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
 
 from ..face_model import FaceDecoder
 from ..render.face import FaceRender, render_face
+from ..shards.image_bytes import decode_grey, decode_rgb
 from ..render.mesh_io import write_obj
 from ..evaluate.metrics import masked_psnr
+from ..losses.hybrid import LossWeights
 from .batch import FaceBatch, visible_vertices
+from .fit import per_face_terms
 from .export import crop_to_photo_px, draw_landmarks, overlay_on_photo, photo_vertex_colors, write_png
 
 
@@ -26,26 +28,10 @@ class FaceOutputs:
     crops: bool = True
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
-    """JPEG/PNG bytes -> (H, W, 3) uint8 RGB."""
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError("undecodable image bytes")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def decode_gray(data: bytes) -> np.ndarray:
-    """PNG bytes -> (H, W) uint8."""
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
-    if img is None:
-        raise ValueError("undecodable mask bytes")
-    return img
-
-
 def faces_to_batch(faces: pd.DataFrame, device: torch.device) -> FaceBatch:
     """Rows with `crop` (JPEG), `mask` (PNG) and `landmarks` (68x2 crop px) -> FaceBatch on `device`."""
     photo = np.stack([decode_rgb(b) for b in faces["crop"]]).astype(np.float32) / 255.0
-    mask = np.stack([decode_gray(b) for b in faces["mask"]]).astype(np.float32) / 255.0
+    mask = np.stack([decode_grey(b) for b in faces["mask"]]).astype(np.float32) / 255.0
     lmk = np.stack([np.asarray(x, np.float32).reshape(68, 2) for x in faces["landmarks"]])
     return FaceBatch(torch.from_numpy(photo).permute(0, 3, 1, 2).to(device),
                      torch.from_numpy(mask)[:, None].to(device), torch.from_numpy(lmk).to(device))
@@ -56,13 +42,14 @@ def file_stem(face_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", face_id).strip("_")
 
 
-def face_rows(decoder: FaceDecoder, coeffs: torch.Tensor, terms: dict[str, torch.Tensor], batch: FaceBatch,
-              faces: pd.DataFrame, method: str) -> tuple[list[dict], FaceRender]:
+def face_rows(decoder: FaceDecoder, coeffs: torch.Tensor, batch: FaceBatch, faces: pd.DataFrame, method: str,
+              lmk_weights: torch.Tensor, weights: LossWeights) -> tuple[list[dict], FaceRender]:
     """One table row per face: ids, coefficient groups, Euler angles in degrees, landmarks (projected, in crop and
     ORIGINAL-photo px; dlib's in photo px), the identity+expression mesh (mm), masked PSNR and the loss terms.
     Returns the rows and the render (B faces) they were measured on."""
     with torch.no_grad():
         face = render_face(decoder, coeffs)
+        terms = per_face_terms(decoder, face, coeffs, batch.photo, batch.face_mask, batch.lmk_px, lmk_weights, weights)
         psnr = masked_psnr(face.image.cpu().numpy(), batch.photo.cpu().numpy(),
                            (batch.face_mask * face.mask).cpu().numpy())
     c = decoder.layout.split(coeffs)
