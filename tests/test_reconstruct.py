@@ -165,3 +165,24 @@ def test_overlay_lands_where_the_crop_came_from():
     out = overlay_on_photo(photo, render, mask, m, alpha=1.0)
     # crop x in [60, 100) <- photo x in [50, 70); crop y in [100, 140) <- photo y in [60, 80)
     assert out[65:75, 55:65].min() > 240 and out[:50].max() == 0 and out[90:].max() == 0
+
+
+def test_two_faces_of_one_photo_get_their_own_files(sfm, tmp_path):
+    import pandas as pd
+    import trimesh
+
+    from pipeline.reconstruct.outputs import FaceOutputs, face_rows, write_face_files
+
+    decoder = FaceDecoder(sfm)
+    coeffs = random_faces(decoder, 2, seed=4)
+    batch = synthetic_batch(decoder, coeffs)
+    faces = pd.DataFrame({"id": ["group.jpg#0", "group.jpg#1"], "source": ["group.jpg"] * 2, "face_index": [0, 1],
+                          "transform": [np.array([1.0, 0, 0, 0, 1.0, 0])] * 2,
+                          "landmarks": [x.reshape(-1).numpy() for x in batch.lmk_px]})
+    rows, face = face_rows(decoder, coeffs, batch, faces, "fit", landmark_weights(), FitSettings().weights)
+    write_face_files(tmp_path, faces, rows, face, batch.photo, decoder, FaceOutputs(overlays=False))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["group.jpg_0.obj", "group.jpg_0_crop.png", "group.jpg_1.obj", "group.jpg_1_crop.png"]
+    mesh = trimesh.load(tmp_path / "group.jpg_1.obj", process=False)
+    np.testing.assert_allclose(mesh.vertices, face.decoded.verts_model[1].numpy(), atol=1e-4)
+    assert rows[1]["id"] == "group.jpg#1" and rows[1]["coeff_id"].shape == (sfm.k_id,)

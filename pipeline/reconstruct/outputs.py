@@ -88,7 +88,7 @@ def write_face_files(folder: Path, faces: pd.DataFrame, rows: list[dict], face: 
             colors = photo_vertex_colors(crop, face.decoded.verts_px[i].cpu().numpy(), visible[i],
                                          face.decoded.colors[i].cpu().numpy())
             stem.parent.mkdir(parents=True, exist_ok=True)
-            write_obj(stem.with_suffix(".obj"), face.decoded.verts_model[i].cpu().numpy(), tris, colors)
+            write_obj(stem.parent / f"{stem.name}.obj", face.decoded.verts_model[i].cpu().numpy(), tris, colors)
         if which.overlays:
             original = read_source_photo(meta.source)
             if original is not None:
