@@ -14,24 +14,22 @@ import os
 import platform
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see stages/train.py: spinning threads stall under load
+import torch
+import yaml
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-from pipeline.bench.preprocess import dlib_bound_img_s, preprocess_img_s  # noqa: E402
-from pipeline.bench.reconstruct import reconstruct_throughput  # noqa: E402
-from pipeline.bench.render import (deodr_throughput, render_throughput, sfm_mean_face_scene,  # noqa: E402
+from pipeline.bench.preprocess import dlib_bound_img_s, preprocess_img_s
+from pipeline.bench.reconstruct import reconstruct_throughput
+from pipeline.bench.render import (deodr_throughput, render_throughput, sfm_mean_face_scene,
                                    synthetic_bfm_size_mesh)
-from pipeline.bench.train import train_images_per_second  # noqa: E402
-from pipeline.detect import CropSettings, LandmarkSettings, list_photos  # noqa: E402
-from pipeline.face_model import FaceDecoder, load_face_model  # noqa: E402
-from pipeline.losses.hybrid import LossWeights  # noqa: E402
-from pipeline.nets import build_rnet  # noqa: E402
-from pipeline.reconstruct.fit import FitSettings  # noqa: E402
-from pipeline.segment import MaskSettings  # noqa: E402
-from pipeline.shards import ShardDataset, read_faces  # noqa: E402
-from stages.train import train_config  # noqa: E402
+from pipeline.bench.train import train_images_per_second
+from pipeline.detect import CropSettings, LandmarkSettings, list_photos
+from pipeline.face_model import FaceDecoder, load_face_model
+from pipeline.losses.hybrid import LossWeights
+from pipeline.nets import build_rnet
+from pipeline.reconstruct.fit import FitSettings
+from pipeline.segment import MaskSettings
+from pipeline.shards import ShardDataset, read_faces
+from stages.train import train_config
 
 
 def main() -> None:

@@ -18,23 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import yaml
 
-# OpenMP threads spin while they wait; when any other process wants the cores (DataLoader workers, other
-# stages) a training step then runs ~10x slower (1.0 vs 19 img/s measured on 2 busy cores). Passive waiting
-# avoids that; libgomp reads the setting once, so it has to be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from dvclive import Live
 
-from dvclive import Live  # noqa: E402
-
-from pipeline.face_model import CoeffLayout, load_face_model  # noqa: E402
-from pipeline.losses.hybrid import LossWeights  # noqa: E402
-from pipeline.nets import build_rnet  # noqa: E402
-from pipeline.shards import ShardDataset  # noqa: E402
-from pipeline.train import (AugmentSettings, TrainConfig, TrainPaths, init_distributed,  # noqa: E402
+from pipeline.face_model import CoeffLayout, load_face_model
+from pipeline.losses.hybrid import LossWeights
+from pipeline.nets import build_rnet
+from pipeline.shards import ShardDataset
+from pipeline.train import (AugmentSettings, TrainConfig, TrainPaths, init_distributed,
                             shutdown, train)
 
 PATHS = TrainPaths(rnet=Path("models/rnet.pt"), last=Path("models/rnet_last.pt"),
