@@ -270,3 +270,12 @@ def test_jaw_landmarks_follow_the_silhouette_of_a_turned_head(sfm):
         outline_x = int(mask[y].nonzero().max())  # rightmost rendered pixel of that row
         assert abs(x - outline_x) < 2.5, (j, x, outline_x)
     assert float((lmk[9:16, 0] - static[9:16, 0]).abs().max()) > 3  # the static vertices are not the outline
+
+
+def test_saved_bytes_depend_on_the_arrays_only(sfm, tmp_path):
+    """DVC hashes outputs: saving the same model twice must give identical files."""
+    import time
+    save_face_model(sfm, tmp_path / "a.npz")
+    time.sleep(2.1)  # zip timestamps have a 2 s resolution
+    save_face_model(sfm, tmp_path / "b.npz")
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -112,14 +113,17 @@ def validate_face_model(m: FaceModel) -> None:
 
 
 def save_face_model(model: FaceModel, path: str | Path) -> None:
-    """Write `model` to an .npz atomically (temp file in the same folder, then rename)."""
+    """Write `model` to an .npz atomically (temp file in the same folder, then rename). The bytes depend on the
+    arrays alone (fixed zip timestamps, unlike np.savez), so DVC sees an unchanged model as unchanged."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {f.name: np.asarray(getattr(model, f.name)) for f in fields(model)}
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
+        with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED) as archive:
+            for f in fields(model):
+                info = zipfile.ZipInfo(f"{f.name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with archive.open(info, "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asarray(getattr(model, f.name)), allow_pickle=False)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
