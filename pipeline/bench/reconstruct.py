@@ -1,8 +1,6 @@
 """Reconstruction throughput: the network method against its bound (R-Net forward alone), and fitting time."""
 from __future__ import annotations
 
-import time
-
 import pandas as pd
 import torch
 
@@ -11,16 +9,7 @@ from ..losses import landmark_weights
 from ..reconstruct.batch import reconstruct_batch
 from ..reconstruct.fit import FitSettings
 from ..reconstruct.outputs import face_rows, faces_to_batch
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, thread pools, lazy inits
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+from .timing import median_seconds
 
 
 def reconstruct_throughput(decoder: FaceDecoder, network: torch.nn.Module, faces: pd.DataFrame, fit: FitSettings,
@@ -47,7 +36,7 @@ def reconstruct_throughput(decoder: FaceDecoder, network: torch.nn.Module, faces
         reconstruct_batch(decoder, batch, "fit", fit, lmk_w)
 
     return {
-        "reconstruct_network_img_s": b / _median_seconds(network_path, repeats),
-        "rnet_forward_bound_img_s": b / _median_seconds(forward_only, repeats),
-        "fit_s_per_image": _median_seconds(fit_path, 1) / b,
+        "reconstruct_network_img_s": b / median_seconds(network_path, repeats, warmup=1),
+        "rnet_forward_bound_img_s": b / median_seconds(forward_only, repeats, warmup=1),
+        "fit_s_per_image": median_seconds(fit_path, 1, warmup=0) / b,  # one fit is tens of seconds
     }

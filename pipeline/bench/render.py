@@ -6,10 +6,8 @@ renders one image at a time through the same per-vertex-colour, no-antialiasing 
 """
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import eos
 import numpy as np
@@ -18,6 +16,7 @@ from deodr.differentiable_renderer import Scene2D, renderScene, renderSceneB
 
 from ..face_model import MM_TO_WORLD, Camera, project, vertex_normals
 from ..render import render
+from .timing import median_seconds
 
 BFM_FRONT_VERTS = 35709
 BFM_FRONT_TRIS = 70789
@@ -107,17 +106,6 @@ def synthetic_bfm_size_mesh(device: torch.device | str = "cpu") -> Scene:
     return Scene(verts_px, tris, _shaded_skin(facing))
 
 
-def _median_seconds(step: Callable[[], None], repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
-
-
 def _loss_weights(batch: int, channels: int, height: int, width: int) -> torch.Tensor:
     """(B, C, H, W) float32 weights of the benchmark loss sum(weights * image), fixed by LOSS_SEED."""
     generator = torch.Generator().manual_seed(LOSS_SEED)
@@ -151,7 +139,7 @@ def render_throughput(verts_px: torch.Tensor, tris: torch.Tensor, colors: torch.
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    return verts_px.shape[0] / _median_seconds(step, repeats, warmup)
+    return verts_px.shape[0] / median_seconds(step, repeats, warmup)
 
 
 def _deodr_scene(verts_px: np.ndarray, tris: np.ndarray, colors: np.ndarray, height: int, width: int,
@@ -195,4 +183,4 @@ def deodr_throughput(verts_px: torch.Tensor, tris: torch.Tensor, colors: torch.T
             renderScene(scene, 1.0, image, z_buffer, check_valid=False)
             renderSceneB(scene, 1.0, image, z_buffer, grad_image, check_valid=False)
 
-    return verts.shape[0] / _median_seconds(step, repeats, warmup)
+    return verts.shape[0] / median_seconds(step, repeats, warmup)

@@ -1,4 +1,4 @@
-"""Batch reconstruction: faces (aligned crops + masks + landmarks) -> coefficients, one table row per face."""
+"""Batch reconstruction: faces (aligned crops + masks + landmarks) -> coefficients (B, C) by one of METHODS."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -7,8 +7,7 @@ from typing import Callable
 import torch
 
 from ..face_model import FaceDecoder
-from ..losses.hybrid import LossWeights
-from ..render.face import FaceRender, render_face
+from ..render.face import FaceRender
 from .fit import FitSettings, fit_coefficients
 
 METHODS = ("fit", "network", "network+fit")
