@@ -9,7 +9,7 @@ to reports/train.json; models/rnet_face_model.npz is the face model to decode th
 (the input one, or its trained version with train.trainable). A run interrupted after a checkpoint resumes
 from models/rnet_last.pt when started again with the same params.
 
-Defaults (params.yaml) deviate from the paper's for a 2-core CPU and the ~27 sample faces: resnet18 from
+Defaults (params.yaml) deviate from the paper's for a 2-core CPU and the ~24 sample training faces: resnet18 from
 random init (no ImageNet weights here), no identity loss (no ArcFace weights), 100 epochs of batch 8 with lr
 1e-3 decayed x0.2 every 40 epochs (paper: resnet50, ImageNet init, 20 epochs of batch 32, lr 1e-4 decayed
 x0.2 every 10). Loss weights and augmentation are the paper's.
@@ -21,15 +21,13 @@ import json
 from pathlib import Path
 
 import yaml
-
 from dvclive import Live
 
 from pipeline.face_model import CoeffLayout, load_face_model
 from pipeline.losses.hybrid import LossWeights
 from pipeline.nets import build_rnet
 from pipeline.shards import ShardDataset
-from pipeline.train import (AugmentSettings, TrainConfig, TrainPaths, init_distributed,
-                            shutdown, train)
+from pipeline.train import AugmentSettings, TrainConfig, TrainPaths, init_distributed, shutdown, train
 
 PATHS = TrainPaths(rnet=Path("models/rnet.pt"), last=Path("models/rnet_last.pt"),
                    face_model=Path("models/rnet_face_model.npz"), grid=Path("reports/train_grid.png"))

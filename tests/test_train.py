@@ -20,6 +20,7 @@ from pipeline.train import (IBUG_FLIP, AugmentSettings, Dist, TrainConfig, Train
                             sample_similarity, train, warp)
 from pipeline.train.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
 from pipeline.train.data import epoch_loader, steps_per_epoch
+from pipeline.train.evaluate import recompute_batchnorm
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE_68 = ROOT.parent / "shared" / "face_models" / "bfm_aux" / "similarity_Lm3D_all.mat"
@@ -112,6 +113,17 @@ def test_rng_state_survives_a_weights_only_checkpoint(tmp_path):
     set_rng_state(load_checkpoint(tmp_path / "s.pt")["rng"])
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
+
+
+def test_recomputed_batchnorm_statistics_are_the_data_average():
+    faces = tiny_faces(8, nan_at=(5,))
+    net = nn.Sequential(nn.BatchNorm2d(3, momentum=0.9))
+    net.train()(torch.rand(4, 3, SIZE, SIZE) * 9)  # off-data running statistics, as after augmented batches
+    recompute_batchnorm(net.eval(), faces, torch.device("cpu"), batch_size=4)
+    first, second = (torch.stack([faces[i]["image"] for i in idx]) for idx in ([0, 1, 2, 3], [4, 6, 7]))
+    batch_means = torch.stack([first.mean(dim=(0, 2, 3)), second.mean(dim=(0, 2, 3))])  # NaN face 5 left out
+    assert torch.allclose(net[0].running_mean, batch_means.mean(dim=0), atol=1e-6)
+    assert not net.training and net[0].momentum == 0.9
 
 
 # ---- training on a tiny face model with the real renderer and losses

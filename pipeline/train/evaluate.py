@@ -44,6 +44,30 @@ def evaluate(net: torch.nn.Module, decoder: FaceDecoder, faces: Dataset, device:
     return {"landmark_px": float(torch.cat(lmk).mean()), "photometric": float(torch.cat(photo).mean())}, grid
 
 
+@torch.no_grad()
+def recompute_batchnorm(net: torch.nn.Module, faces: Dataset, device: torch.device, batch_size: int) -> None:
+    """Set every BatchNorm's running statistics to their average over `faces` (un-augmented), in place.
+
+    During training they are running averages over augmented batches of a few faces, which jitter from step
+    to step and move the evaluation-mode predictions even when the weights barely change ("precise BN").
+    Faces with non-finite pixels (those training skipped) are left out."""
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # None: a cumulative average over the batches below
+    was_training = net.training
+    net.train()
+    for batch in DataLoader(Indexed(faces), batch_size=batch_size, collate_fn=collate):
+        image = batch["image"].to(device)
+        usable = torch.isfinite(image).flatten(1).all(dim=1)
+        if usable.any():
+            net(image[usable])
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    net.train(was_training)
+
+
 def _to_u8(rgb: np.ndarray) -> np.ndarray:
     """(H, W, 3) float in [0, 1] (NaN -> 0) -> contiguous uint8."""
     return np.ascontiguousarray((np.clip(np.nan_to_num(rgb), 0.0, 1.0) * 255).round().astype(np.uint8))

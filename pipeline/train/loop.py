@@ -3,10 +3,11 @@
 One code path for one CPU process, one GPU and torchrun DDP (distributed.py); the step itself is step.py.
 Validation runs at the start (the zero-initialised head predicts exactly the mean face), every
 `eval_every` steps and at the end, on the val split or, when that is empty, on the train split
-(`val_is_train`). Every `checkpoint_every` steps the whole state (model, optimiser, schedule, scaler, RNG
-states of every process, step = position in the data order) is written atomically; a later run with the
-same config, process count, data size and face model resumes from it and repeats the uninterrupted run's
-steps exactly.
+(`val_is_train`). Before the final validation and rnet.pt, BatchNorm statistics are recomputed over the
+un-augmented training faces (evaluate.recompute_batchnorm). Every `checkpoint_every` steps the whole state
+(model, optimiser, schedule, scaler, RNG states of every process, step = position in the data order) is
+written atomically; a later run with the same config, process count, data size and face model resumes
+from it and repeats the uninterrupted run's steps exactly.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .checkpoint import atomic_save, face_model_digest, load_checkpoint, rng_sta
 from .config import TrainConfig
 from .data import epoch_loader, seed_everything, steps_per_epoch
 from .distributed import Dist, barrier
-from .evaluate import evaluate, write_png
+from .evaluate import evaluate, recompute_batchnorm, write_png
 from .step import Trainer
 
 
@@ -63,7 +64,7 @@ def train(cfg: TrainConfig, net: nn.Module, face_model: FaceModel, train_set: Da
     _say(world, f"{len(train_set)} training faces, {total_steps} steps ({cfg.epochs} epochs of {per_epoch}); "
                 f"identity loss {'on' if trainer.identity else 'off (train.arcface_weights is empty)'}")
 
-    step, images, train_seconds, val_start, val_end = 0, 0, 0.0, None, None
+    step, images, train_seconds, val_start = 0, 0, 0.0, None
     if resume and paths.last.exists():
         state = load_checkpoint(paths.last, world.device)
         if state["fingerprint"] != fingerprint:
@@ -101,8 +102,8 @@ def train(cfg: TrainConfig, net: nn.Module, face_model: FaceModel, train_set: Da
             step_losses.append((step, result.curves["loss"] if result.finite else float("nan")))
             if world.is_main and log:
                 log(step, {("lr" if k == "lr" else f"train/{k}"): v for k, v in result.curves.items()})
-            if world.is_main and (step % cfg.eval_every == 0 or step == total_steps):
-                val_end = validate()
+            if world.is_main and step % cfg.eval_every == 0 and step < total_steps:
+                validate()
             if step % cfg.checkpoint_every == 0 or step == total_steps:
                 state = {"fingerprint": fingerprint, "step": step, "images": images, "train_seconds": train_seconds,
                          "val_start": val_start, "trainer": trainer.state_dict(), "rng": _gather_rng(world)}
@@ -113,6 +114,8 @@ def train(cfg: TrainConfig, net: nn.Module, face_model: FaceModel, train_set: Da
 
     metrics = {}
     if world.is_main:
+        recompute_batchnorm(net, train_set, world.device, max(1, cfg.batch_size // world.world_size))
+        val_end = validate()
         trained_model = trainer.trained_face_model()
         save_face_model(trained_model, paths.face_model)
         atomic_save(rnet_record(net, cfg.arch, CoeffLayout.of(face_model), trained_model, paths.face_model.name,
