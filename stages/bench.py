@@ -24,7 +24,6 @@ from pipeline.bench.render import (deodr_throughput, render_throughput, sfm_mean
 from pipeline.bench.train import train_images_per_second
 from pipeline.detect import CropSettings, LandmarkSettings, list_photos
 from pipeline.face_model import FaceDecoder, load_face_model
-from pipeline.losses.hybrid import LossWeights
 from pipeline.nets import build_rnet
 from pipeline.reconstruct.fit import FitSettings
 from pipeline.segment import MaskSettings
@@ -68,9 +67,7 @@ def main() -> None:
     faces = faces.iloc[[i % len(faces) for i in range(batch)]].reset_index(drop=True)
     cfg = train_config(params["train"])
     network = build_rnet(cfg.arch, decoder.layout.size, None).to(device).eval()
-    fit = FitSettings(landmark_steps=r["landmark_steps"], full_steps=r["full_steps"], lr=r["lr"],
-                      weights=LossWeights(**r["loss_weights"]),
-                      landmark_stage_coefficient=r["landmark_stage_coefficient"])
+    fit = FitSettings.from_params(r)
     out.update(reconstruct_throughput(decoder, network, faces, fit, repeats))
     out["reconstruct_vs_rnet_bound"] = out["reconstruct_network_img_s"] / out["rnet_forward_bound_img_s"]
 

@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from pipeline.face_model import FaceDecoder, load_face_model
 from pipeline.losses import landmark_weights
-from pipeline.losses.hybrid import LossWeights
 from pipeline.reconstruct.batch import reconstruct_batch
 from pipeline.reconstruct.fit import FitSettings
 from pipeline.reconstruct.outputs import FaceOutputs, face_rows, faces_to_batch, write_face_files
@@ -109,9 +108,8 @@ def main(argv=None) -> None:
         else:
             print(f"{checkpoint} not found: reconstructing by per-image fitting (method fit)", file=sys.stderr)
             method = "fit"
-    weights = LossWeights(**p["loss_weights"])
-    fit = FitSettings(landmark_steps=p["landmark_steps"], full_steps=p["full_steps"], lr=p["lr"], weights=weights,
-                      landmark_stage_coefficient=p["landmark_stage_coefficient"])
+    fit = FitSettings.from_params(p)
+    weights = fit.weights
     lmk_w = landmark_weights().to(device)
     files = FaceOutputs(meshes=p["write_meshes"], overlays=p["write_overlays"], crops=p["write_crops"])
 
