@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.face_model import FaceDecoder
+from pipeline.face_model import Coeffs, Decoded, FaceDecoder
 from pipeline.face_model.sfm import convert_sfm
 from pipeline.losses import landmark_weights
+from pipeline.losses.hybrid import LossWeights, hybrid_loss
 from pipeline.reconstruct.albedo import build_albedo_model, reflectance_samples, sample_at_vertices
 from pipeline.reconstruct.batch import FaceBatch, reconstruct_batch, visible_vertices
 from pipeline.reconstruct.export import crop_to_photo_px, overlay_on_photo
 from pipeline.reconstruct.fit import FitSettings, fit_coefficients, per_face_terms
-from pipeline.render.face import render_face
+from pipeline.render.face import FaceRender, render_face
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -188,3 +189,34 @@ def test_two_faces_of_one_photo_get_their_own_files(sfm, tmp_path):
     mesh = trimesh.load(tmp_path / "group.jpg_1.obj", process=False)
     np.testing.assert_allclose(mesh.vertices, face.decoded.verts_model[1].numpy(), atol=1e-4)
     assert rows[1]["id"] == "group.jpg#1" and rows[1]["coeff_id"].shape == (sfm.k_id,)
+
+
+def test_hybrid_loss_of_a_batch_is_the_mean_of_its_faces_losses(sfm):
+    """Training relies on it: DDP averages per-process gradients, which equals the whole batch's gradient only
+    when every term is a per-sample mean (faces with very different mask areas included)."""
+    decoder = FaceDecoder(sfm)
+    coeffs = random_faces(decoder, 3, seed=4)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        face = render_face(decoder, coeffs)
+    photo = torch.rand(face.image.shape, generator=g)
+    face_mask = torch.ones_like(face.mask)
+    face_mask[0, :, :, :60] = 0  # a face with a much smaller mask than its batch mates
+    lmk_px = face.decoded.lmk_px + torch.randn(face.decoded.lmk_px.shape, generator=g) * 3
+
+    def features(image):  # any unit embedding stands in for ArcFace
+        return torch.nn.functional.normalize(torch.nn.functional.avg_pool2d(image, 56).flatten(1), dim=1)
+
+    args = (landmark_weights(), decoder.face_region, LossWeights(), features)
+    c = decoder.layout.split(coeffs)
+    total, terms = hybrid_loss(face, c, photo, face_mask, lmk_px, *args)
+    singles = []
+    for i in range(3):
+        one = slice(i, i + 1)
+        face_i = FaceRender(Decoded(*(t[one] for t in face.decoded)), *(t[one] for t in face[1:]))
+        singles.append(hybrid_loss(face_i, Coeffs(*(t[one] for t in c)), photo[one], face_mask[one], lmk_px[one],
+                                   *args))
+    torch.testing.assert_close(total, torch.stack([t for t, _ in singles]).mean())
+    for name, value in terms.items():
+        torch.testing.assert_close(value, torch.stack([s[name] for _, s in singles]).mean(), msg=name)
+    assert set(terms) == {"photometric", "landmark", "coefficient", "lighting", "reflectance", "identity"}

@@ -2,7 +2,7 @@
 
 R-Net regresses coefficients, the face model and renderer turn them into an image and landmarks, and the
 loss of Deng et al. (2019) compares them with the photo (weak supervision: no 3D labels). The loss of a
-batch is the mean over its samples of each sample's loss (objective.py) and DDP averages gradients over
+batch is the mean over its samples of each sample's loss (every hybrid term is a per-sample mean) and DDP averages gradients over
 processes, so N processes with B/N samples each take the step of one process with all B (BatchNorm
 statistics aside: they stay per process, as in Deep3DFaceRecon). Adam, lr x `lr_decay` every
 `lr_decay_epochs` epochs (counted in steps), gradients clipped to `grad_clip`, AMP (float16 + GradScaler)
@@ -20,12 +20,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..face_model import Camera, FaceDecoder, FaceModel
 from ..losses import landmark_weights
+from ..losses.hybrid import hybrid_loss
 from ..nets import crop_to_arcface, load_arcface
 from ..render.face import FaceRender, render_face
 from .augment import sample_similarity, warp
 from .config import TrainConfig
 from .distributed import Dist, all_mean, all_true
-from .objective import face_model_prior, per_sample_hybrid_loss
 
 
 class Reconstructor(nn.Module):
@@ -42,6 +42,11 @@ class Reconstructor(nn.Module):
         coeffs = coeffs.float()  # geometry, rendering and losses stay in float32
         return coeffs, render_face(self.decoder, coeffs)
 
+
+
+def face_model_prior(decoder: FaceDecoder, start: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum over the trained face model arrays {name: start value} of the mean squared change from the start."""
+    return sum(((getattr(decoder, name) - value) ** 2).mean() for name, value in start.items())
 
 @dataclass
 class StepResult:
@@ -88,8 +93,8 @@ class Trainer:
         image, mask, lmk_px = warp(image, mask, lmk_px, mats, flipped)
         saved_buffers = [b.clone() for b in self._net_buffers]
         coeffs, face = self.model(image)
-        total, terms = per_sample_hybrid_loss(face, self.decoder.layout.split(coeffs), image, mask, lmk_px,
-                                              self.lmk_weights, self.decoder.face_region, cfg.loss, self.identity)
+        total, terms = hybrid_loss(face, self.decoder.layout.split(coeffs), image, mask, lmk_px,
+                                   self.lmk_weights, self.decoder.face_region, cfg.loss, self.identity)
         if self.trainable:
             terms["face_model_prior"] = face_model_prior(self.decoder, self.start_arrays)
             total = total + cfg.face_model_reg * terms["face_model_prior"]
