@@ -103,8 +103,13 @@ def main(argv=None) -> None:
     if method != "fit":
         checkpoint = Path(p["checkpoint"])
         if checkpoint.exists():
-            from pipeline.train.checkpoint import load_rnet
+            from pipeline.train.checkpoint import decoding_face_model, load_rnet
             network = load_rnet(checkpoint, device)
+            try:
+                model = decoding_face_model(checkpoint, model)
+            except ValueError as err:
+                raise SystemExit(str(err)) from None
+            decoder = FaceDecoder(model).to(device)
         else:
             print(f"{checkpoint} not found: reconstructing by per-image fitting (method fit)", file=sys.stderr)
             method = "fit"

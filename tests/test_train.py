@@ -301,3 +301,22 @@ def test_rnet_checkpoint_rebuilds_the_network(tmp_path):
     x = torch.rand(2, 3, 224, 224)
     assert torch.allclose(loaded(x), net.eval()(x), atol=1e-5)
     assert load_rnet_record(tmp_path / "rnet.pt")["n_coeffs"] == layout.size
+
+
+def test_reconstruction_decodes_with_the_face_model_the_network_was_trained_with(tmp_path):
+    from dataclasses import replace
+
+    from pipeline.face_model import save_face_model
+    from pipeline.nets import build_rnet
+    from pipeline.train.checkpoint import decoding_face_model, rnet_record
+
+    start = tiny_face_model()
+    trained = replace(start, mean_albedo=start.mean_albedo * 0.9)  # as train.trainable would change it
+    net = build_rnet("resnet18", CoeffLayout.of(start).size, None)
+    atomic_save(rnet_record(net, "resnet18", CoeffLayout.of(start), trained, "fm.npz", 224, {}), tmp_path / "rnet.pt")
+    with pytest.raises(ValueError, match="neither the configured one"):
+        decoding_face_model(tmp_path / "rnet.pt", start)  # the trained copy is not there yet
+    save_face_model(trained, tmp_path / "fm.npz")
+    chosen = decoding_face_model(tmp_path / "rnet.pt", start)
+    np.testing.assert_array_equal(chosen.mean_albedo, trained.mean_albedo)
+    assert decoding_face_model(tmp_path / "rnet.pt", trained) is trained

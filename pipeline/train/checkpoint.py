@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..face_model import CoeffLayout, FaceModel
+from ..face_model import CoeffLayout, FaceModel, load_face_model
 from ..nets import build_rnet
 
 
@@ -101,3 +101,19 @@ def load_rnet(path: str | Path, device: torch.device | str = "cpu") -> nn.Module
     net = build_rnet(record["arch"], record["n_coeffs"], None)
     net.load_state_dict(record["state_dict"])
     return net.to(device).eval()
+
+
+def decoding_face_model(checkpoint: str | Path, candidate: FaceModel) -> FaceModel:
+    """The face model that decodes the network's coefficients: `candidate` when it is the one the record names
+    (same face_model_digest), else the copy training saved next to the checkpoint (with `train.trainable` the
+    arrays change during training). ValueError, naming both, when neither is that model."""
+    named = load_rnet_record(checkpoint)["face_model"]
+    if face_model_digest(candidate) == named["sha256"]:
+        return candidate
+    trained = Path(checkpoint).parent / named["file"]
+    if trained.exists():
+        model = load_face_model(trained)
+        if face_model_digest(model) == named["sha256"]:
+            return model
+    raise ValueError(f"{checkpoint} was trained with face model {named['name']!r} {named['version']!r} "
+                     f"(sha256 {named['sha256'][:12]}...), which is neither the configured one nor {trained}")
