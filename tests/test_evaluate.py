@@ -136,6 +136,8 @@ def test_masked_psnr_counts_only_masked_pixels():
     psnr = masked_psnr(render, photo, mask)
     assert psnr == pytest.approx([20.0, 10 * math.log10(20.0)])
     assert np.isnan(masked_psnr(render[:1], photo[:1], np.zeros((1, 1, 4, 4))))[0]
+    # float32 images (as rendered) give the float64 answer: the sums are float64
+    assert masked_psnr(*(x.astype(np.float32) for x in (render, photo, mask))) == pytest.approx(psnr, rel=1e-6)
     with pytest.raises(ValueError, match="mask"):
         masked_psnr(render, photo, mask[:, :, :3])
 

@@ -220,3 +220,43 @@ def test_hybrid_loss_of_a_batch_is_the_mean_of_its_faces_losses(sfm):
     for name, value in terms.items():
         torch.testing.assert_close(value, torch.stack([s[name] for _, s in singles]).mean(), msg=name)
     assert set(terms) == {"photometric", "landmark", "coefficient", "lighting", "reflectance", "identity"}
+
+
+def test_per_face_terms_equal_hybrid_loss_of_each_face_alone(sfm):
+    """per_face_terms maps hybrid_loss over the faces: face i's terms are those of the batch of face i alone."""
+    decoder = FaceDecoder(sfm)
+    coeffs = random_faces(decoder, 3, seed=7)
+    batch = synthetic_batch(decoder, random_faces(decoder, 3, seed=8))
+    weights = FitSettings().weights
+    with torch.no_grad():
+        face = render_face(decoder, coeffs)
+        terms = per_face_terms(decoder, face, coeffs, batch.photo, batch.face_mask, batch.lmk_px, landmark_weights(),
+                               weights)
+        c = decoder.layout.split(coeffs)
+        for i in range(3):
+            face_i = FaceRender(Decoded(*(t[i:i + 1] for t in face.decoded)), *(t[i:i + 1] for t in face[1:]))
+            _, alone = hybrid_loss(face_i, Coeffs(*(t[i:i + 1] for t in c)), batch.photo[i:i + 1],
+                                   batch.face_mask[i:i + 1], batch.lmk_px[i:i + 1], landmark_weights(),
+                                   decoder.face_region, weights)
+            assert set(alone) == set(terms)
+            for name, value in alone.items():
+                assert terms[name].shape == (3,)
+                assert float(terms[name][i]) == pytest.approx(float(value), rel=1e-5, abs=1e-7), name
+
+
+def test_faces_to_batch_decodes_crops_and_masks_exactly():
+    import cv2
+    import pandas as pd
+
+    from pipeline.reconstruct.outputs import faces_to_batch
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (5, 16, 16), dtype=np.uint8)
+    faces = pd.DataFrame({"crop": [cv2.imencode(".png", x[..., ::-1])[1].tobytes() for x in rgb],
+                          "mask": [cv2.imencode(".png", x)[1].tobytes() for x in grey],
+                          "landmarks": [rng.random(136).astype(np.float32) for _ in range(5)]})
+    batch = faces_to_batch(faces, torch.device("cpu"))
+    assert torch.equal(batch.photo, torch.from_numpy(rgb.astype(np.float32) / 255.0).permute(0, 3, 1, 2))
+    assert torch.equal(batch.face_mask, torch.from_numpy(grey.astype(np.float32) / 255.0)[:, None])
+    assert batch.lmk_px.shape == (5, 68, 2)

@@ -2,6 +2,10 @@
 Dataset under a multi-worker DataLoader, on faces preprocessed from real photos."""
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -125,3 +129,39 @@ def test_dataset_works_under_a_dataloader_with_two_workers(shards, faces):
         assert batch["image"].shape[1:] == (3, 224, 224) and batch["lmk_px"].shape[1:] == (68, 2)
         seen += batch["id"]
     assert sorted(seen) == sorted(f["id"] for f in faces)
+
+
+def test_workers_leave_out_the_callers_main_unless_the_task_needs_it():
+    """Pool workers must not re-run the caller's script (the bench imports torch: seconds per pool), yet a task
+    defined in __main__ still gets it."""
+    import math
+    import subprocess
+    import sys
+    import textwrap
+
+    from pipeline.shards.parallel import _refers_to_main, map_parallel
+
+    assert list(map_parallel(math.sqrt, [4.0, 9.0, 16.0, 25.0], workers=2, chunk_size=1, total=4)) == [2, 3, 4, 5]
+    assert not _refers_to_main(math.sqrt, [Path("a.jpg")])
+    script = textwrap.dedent("""
+        import os, sys
+        from pipeline.shards.parallel import _refers_to_main, map_parallel
+        print("main imported", os.getpid(), flush=True)
+        def square(x):
+            return x * x
+        if __name__ == "__main__":
+            assert _refers_to_main(square)
+            assert list(map_parallel(square, range(4), 2, 1, total=4)) == [0, 1, 4, 9]
+    """)
+    # run as a file: a task defined in the caller's script needs the script imported in the workers
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "caller.py"
+        path.write_text(script + textwrap.indent(textwrap.dedent("""
+            import math
+            list(map_parallel(math.sqrt, range(4), 2, 1, total=4))
+        """), "    "))
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+        run = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr
+    # once in the caller, once in each of the 2 workers of the `square` pool, never in the `math.sqrt` pool
+    assert run.stdout.count("main imported") == 3, run.stdout

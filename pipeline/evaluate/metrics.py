@@ -38,13 +38,14 @@ def masked_psnr(render: np.ndarray, photo: np.ndarray, mask: np.ndarray) -> np.n
 
     render, photo: (N, 3, H, W) in [0, 1]; mask: (N, 1, H, W) weights in [0, 1] (a pixel's squared error counts
     with its weight, in all three channels). A face whose mask is empty gets NaN: there is nothing to measure.
+    Per-pixel errors stay in the inputs' float type (no float64 copies of whole batches), sums are float64.
     """
-    render, photo, mask = (np.asarray(x, np.float64) for x in (render, photo, mask))
+    render, photo, mask = (np.asarray(x) for x in (render, photo, mask))
     check_shape("photo", photo, (None, 3, None, None))
     check_shape("render", render, photo.shape)
     check_shape("mask", mask, (photo.shape[0], 1) + photo.shape[2:])
-    weight = mask.sum(axis=(1, 2, 3)) * 3
-    sq_err = ((render - photo) ** 2 * mask).sum(axis=(1, 2, 3))
+    weight = mask.sum(axis=(1, 2, 3), dtype=np.float64) * 3
+    sq_err = (np.square(render - photo) * mask).sum(axis=(1, 2, 3), dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         mse = np.where(weight > 0, sq_err / np.where(weight > 0, weight, 1.0), np.nan)
         # A perfect match is capped at 100 dB (MSE 1e-10) rather than reported as infinity.

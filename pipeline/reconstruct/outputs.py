@@ -1,7 +1,10 @@
 """Faces table <-> tensors, and the reconstruction's outputs: table rows and per-face files."""
 from __future__ import annotations
 
+import functools
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,13 +31,33 @@ class FaceOutputs:
     crops: bool = True
 
 
+_DECODE_THREADS = os.cpu_count() or 1
+
+
+@functools.cache
+def _decode_pool() -> ThreadPoolExecutor:
+    # OpenCV's codecs release the GIL, so a batch of crops decodes on all cores
+    return ThreadPoolExecutor(_DECODE_THREADS, thread_name_prefix="decode")
+
+
+def _decode_all(decode, data: pd.Series) -> np.ndarray:
+    """decode (bytes -> uint8 image) over a column of encoded images -> (B, ...) uint8, decoded in threads."""
+    if len(data) < 2 or _DECODE_THREADS == 1:
+        return np.stack([decode(b) for b in data])
+    return np.stack(list(_decode_pool().map(decode, data)))
+
+
+def _unit_float(images_u8: np.ndarray) -> torch.Tensor:
+    """uint8 -> float32 in [0, 1] (x / 255, exactly as numpy's astype(float32) / 255.0), with torch's threads."""
+    return torch.from_numpy(images_u8).to(torch.float32).div_(255.0)
+
+
 def faces_to_batch(faces: pd.DataFrame, device: torch.device) -> FaceBatch:
     """Rows with `crop` (JPEG), `mask` (PNG) and `landmarks` (68x2 crop px) -> FaceBatch on `device`."""
-    photo = np.stack([decode_rgb(b) for b in faces["crop"]]).astype(np.float32) / 255.0
-    mask = np.stack([decode_grey(b) for b in faces["mask"]]).astype(np.float32) / 255.0
+    photo = _unit_float(_decode_all(decode_rgb, faces["crop"]))
+    mask = _unit_float(_decode_all(decode_grey, faces["mask"]))
     lmk = np.stack([np.asarray(x, np.float32).reshape(68, 2) for x in faces["landmarks"]])
-    return FaceBatch(torch.from_numpy(photo).permute(0, 3, 1, 2).to(device),
-                     torch.from_numpy(mask)[:, None].to(device), torch.from_numpy(lmk).to(device))
+    return FaceBatch(photo.permute(0, 3, 1, 2).to(device), mask[:, None].to(device), torch.from_numpy(lmk).to(device))
 
 
 def file_stem(face_id: str) -> str:
@@ -52,23 +75,29 @@ def face_rows(decoder: FaceDecoder, coeffs: torch.Tensor, batch: FaceBatch, face
         terms = per_face_terms(decoder, face, coeffs, batch.photo, batch.face_mask, batch.lmk_px, lmk_weights, weights)
         psnr = masked_psnr(face.image.cpu().numpy(), batch.photo.cpu().numpy(),
                            (batch.face_mask * face.mask).cpu().numpy())
-    c = decoder.layout.split(coeffs)
+    # whole-batch arrays once; each row takes its face's slice
+    c = decoder.layout.split(coeffs.detach())
+    coeff_groups = {f"coeff_{name}": getattr(c, name).cpu().numpy().astype(np.float32) for name in c._fields}
+    angles_deg = np.degrees(c.rot.cpu().numpy())
+    lmk_crop = face.decoded.lmk_px.cpu().numpy()
+    lmk_dlib = batch.lmk_px.cpu().numpy()
+    verts_model = face.decoded.verts_model.cpu().numpy().astype(np.float32).reshape(len(coeffs), -1)
+    loss_terms = {f"loss_{k}": v.cpu().numpy() for k, v in terms.items()}
     rows = []
     for i, meta in enumerate(faces.itertuples(index=False)):
         transform = np.asarray(meta.transform, np.float64).reshape(2, 3)
-        lmk_crop = face.decoded.lmk_px[i].cpu().numpy()
-        pitch, yaw, roll = np.degrees(c.rot[i].cpu().numpy())
+        pitch, yaw, roll = angles_deg[i]
         row = {"id": meta.id, "source": meta.source, "face_index": int(meta.face_index), "method": method,
                "files_stem": file_stem(meta.id)}
-        row.update({f"coeff_{name}": getattr(c, name)[i].cpu().numpy().astype(np.float32) for name in c._fields})
+        row.update({name: group[i] for name, group in coeff_groups.items()})
         row.update(
             pitch_deg=float(pitch), yaw_deg=float(yaw), roll_deg=float(roll),
-            lmk_crop_px=lmk_crop.astype(np.float32).reshape(-1),
-            lmk_px=crop_to_photo_px(lmk_crop, transform).astype(np.float32).reshape(-1),
-            dlib_lmk_px=crop_to_photo_px(batch.lmk_px[i].cpu().numpy(), transform).astype(np.float32).reshape(-1),
-            verts_model=face.decoded.verts_model[i].cpu().numpy().astype(np.float32).reshape(-1),
+            lmk_crop_px=lmk_crop[i].astype(np.float32).reshape(-1),
+            lmk_px=crop_to_photo_px(lmk_crop[i], transform).astype(np.float32).reshape(-1),
+            dlib_lmk_px=crop_to_photo_px(lmk_dlib[i], transform).astype(np.float32).reshape(-1),
+            verts_model=verts_model[i],
             masked_psnr=float(psnr[i]))
-        row.update({f"loss_{k}": float(v[i]) for k, v in terms.items()})
+        row.update({name: float(values[i]) for name, values in loss_terms.items()})
         rows.append(row)
     return rows, face
 

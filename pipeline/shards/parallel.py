@@ -6,14 +6,22 @@ task modules), so nothing large is pickled and the same task functions run in-pr
 Workers come from a fork server, never from a fork of the calling process: native thread pools that process may
 hold (dlib's CNN detector, OpenMP, CUDA) do not survive a fork, and a forked worker that uses them waits
 forever (seen with dlib's CNN detector run in the parent before a fork). The server imports the preprocessing
-modules once, so each worker starts without re-importing them.
+modules once, so each worker starts without re-importing them. Workers also leave out the caller's __main__
+(unless the task comes from it): multiprocessing would otherwise re-run its imports in every worker of every pool,
+which for a caller that imports torch (the bench, a notebook) costs seconds per pool, more than the whole work of a
+stage on a few dozen photos.
 """
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
+import pickle
+import sys
+import types
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from itertools import islice
 from typing import TypeVar
 
@@ -39,6 +47,24 @@ def worker_context() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(_SERVER_PRELOAD)
     return context
+
+
+@contextmanager
+def _callers_main_hidden(hide: bool) -> Iterator[None]:
+    """While `hide`, __main__ is a blank module: workers started meanwhile get no main script in their
+    preparation data, so they do not re-run the caller's imports."""
+    main = sys.modules["__main__"]
+    if hide:
+        sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def _refers_to_main(*objects) -> bool:
+    """Whether unpickling `objects` needs the caller's __main__ (a function or class defined in the script)."""
+    return b"__main__" in pickle.dumps(objects)
 
 
 def start_worker_server() -> None:
@@ -85,9 +111,15 @@ def map_parallel(fn: Callable[[Item], Result], items: Iterable[Item], workers: i
                 yield fn(item)
                 bar.update()
             return
-        with worker_context().Pool(processes, initializer=_one_thread_per_worker) as pool:
+        chunks = _chunks(items, chunk_size)
+        first = next(chunks, None)
+        if first is None:
+            return
+        with _callers_main_hidden(not _refers_to_main(fn, first)):  # Pool() starts all its workers
+            pool = worker_context().Pool(processes, initializer=_one_thread_per_worker)
+        with pool:
             pending: deque = deque()
-            for chunk in _chunks(items, chunk_size):
+            for chunk in itertools.chain([first], chunks):
                 pending.append(pool.apply_async(_apply_to_chunk, (fn, chunk)))
                 if len(pending) >= 2 * processes:
                     results = pending.popleft().get()
