@@ -260,3 +260,27 @@ def test_faces_to_batch_decodes_crops_and_masks_exactly():
     assert torch.equal(batch.photo, torch.from_numpy(rgb.astype(np.float32) / 255.0).permute(0, 3, 1, 2))
     assert torch.equal(batch.face_mask, torch.from_numpy(grey.astype(np.float32) / 255.0)[:, None])
     assert batch.lmk_px.shape == (5, 68, 2)
+
+
+def test_fit_returns_each_faces_lowest_loss_iterate(sfm):
+    """A runaway optimiser (here lr 2, ~2 rad per step from the truth) must not hand back where it ran to:
+    every face gets its best iterate, which from the true coefficients is the start itself."""
+    from pipeline.reconstruct.fit import face_totals
+
+    decoder = FaceDecoder(sfm)
+    truth = random_faces(decoder, 3, seed=9)
+    batch = synthetic_batch(decoder, truth)
+    settings = FitSettings(landmark_steps=0, full_steps=10, lr=2.0)
+    coeffs = fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, landmark_weights(), settings,
+                              init=truth)
+
+    def loss(c):
+        with torch.no_grad():
+            face = render_face(decoder, c)
+            return face_totals(per_face_terms(decoder, face, c, batch.photo, batch.face_mask, batch.lmk_px,
+                                              landmark_weights(), settings.weights), settings.weights)
+
+    assert torch.all(loss(coeffs) <= loss(truth))
+    with torch.no_grad():
+        lmk_err = (decoder(coeffs).lmk_px - batch.lmk_px).norm(dim=-1).mean(dim=1)
+    assert torch.all(lmk_err < 1.0), lmk_err
