@@ -11,6 +11,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 FACES = SHARED / "samples" / "faces"
 ANNOTATED = SHARED / "samples" / "annotated"
+SFM_DIR = SHARED / "face_models" / "sfm"
+AUX_DIR = SHARED / "face_models" / "bfm_aux"
+
+
+@pytest.fixture(scope="session")
+def sfm():
+    """The default face model as the face_model stage converts it (Surrey Face Model 3448, uniform albedo)."""
+    from pipeline.face_model.sfm import convert_sfm
+
+    return convert_sfm(SFM_DIR, AUX_DIR, (0.72, 0.53, 0.44))
 
 
 @pytest.fixture(scope="session")

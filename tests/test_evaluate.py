@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,18 +22,10 @@ from pipeline.evaluate.metrics import (aligned_vertex_error, landmark_nme, maske
                                        weighted_procrustes)
 from pipeline.evaluate.now import closest_points_on_triangles, point_to_mesh_distance, scan_to_mesh_distance
 from pipeline.face_model import CoeffLayout, FaceDecoder, save_face_model
-from pipeline.face_model.sfm import convert_sfm
+from conftest import SHARED, SFM_DIR
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-SFM_DIR = SHARED / "face_models" / "sfm"
-AUX_DIR = SHARED / "face_models" / "bfm_aux"
 ANNOTATED = SHARED / "samples" / "annotated"
 NOW_LANDMARKS = [36, 39, 42, 45, 33, 48, 54]  # eye corners, nose tip, mouth corners (iBUG, 0-based)
-
-
-@pytest.fixture(scope="module")
-def sfm():
-    return convert_sfm(SFM_DIR, AUX_DIR, (0.72, 0.53, 0.44))
 
 
 def random_rigid(seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,16 +12,8 @@ from scipy.io import loadmat, savemat
 from pipeline.face_model import (CoeffLayout, FaceDecoder, FaceModelError, euler_to_rotation, load_face_model,
                                  save_face_model, sh_shading)
 from pipeline.face_model.bfm import BFM_VERTS, EXP_VERTS, FRONT_VERTS, convert_bfm
-from pipeline.face_model.sfm import convert_sfm, similarity_fit
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-SFM_DIR = SHARED / "face_models" / "sfm"
-AUX_DIR = SHARED / "face_models" / "bfm_aux"
-
-
-@pytest.fixture(scope="module")
-def sfm():
-    return convert_sfm(SFM_DIR, AUX_DIR, (0.7, 0.5, 0.4))
+from pipeline.face_model.sfm import similarity_fit
+from conftest import AUX_DIR
 
 
 def test_sfm_sizes(sfm):

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from pipeline.face_model import Coeffs, Decoded, FaceDecoder
-from pipeline.face_model.sfm import convert_sfm
 from pipeline.losses import landmark_weights
 from pipeline.losses.hybrid import LossWeights, hybrid_loss
 from pipeline.reconstruct.albedo import build_albedo_model, reflectance_samples, sample_at_vertices
@@ -17,13 +15,6 @@ from pipeline.reconstruct.batch import FaceBatch, reconstruct_batch, visible_ver
 from pipeline.reconstruct.export import crop_to_photo_px, overlay_on_photo
 from pipeline.reconstruct.fit import FitSettings, fit_coefficients, per_face_terms
 from pipeline.render.face import FaceRender, render_face
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-
-
-@pytest.fixture(scope="module")
-def sfm():
-    return convert_sfm(SHARED / "face_models" / "sfm", SHARED / "face_models" / "bfm_aux", (0.7, 0.5, 0.4))
 
 
 def random_faces(decoder: FaceDecoder, n: int, seed: int) -> torch.Tensor:

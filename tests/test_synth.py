@@ -16,17 +16,9 @@ from pipeline.detect.alignment import transform_points
 from pipeline.evaluate.synth import (SynthSettings, background_patch, background_square, composite, painted_albedo,
                                      render_synthetic, sample_canvas_transform, sample_coefficients)
 from pipeline.face_model import CoeffLayout, FaceDecoder, save_face_model
-from pipeline.face_model.sfm import convert_sfm
+from conftest import SHARED
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-SFM_DIR = SHARED / "face_models" / "sfm"
-AUX_DIR = SHARED / "face_models" / "bfm_aux"
 FACES = SHARED / "samples" / "faces"
-
-
-@pytest.fixture(scope="module")
-def sfm():
-    return convert_sfm(SFM_DIR, AUX_DIR, (0.72, 0.53, 0.44))
 
 
 def test_sampled_coefficients_respect_the_ranges(sfm):
