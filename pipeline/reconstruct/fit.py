@@ -23,7 +23,8 @@ def fitting_weights() -> LossWeights:
     dlib's points place the face in the landmark stage, but they disagree with the model's landmark vertices
     by ~8% NME even on the model's own renders, so refining shape against them pulls it off (landmark 1.6e-3:
     7.16 mm, 1e-4: 5.10 mm, 0: 3.65 mm). The coefficient prior stays Deep3DFaceRecon's 3e-4 (1e-3: 4.03 mm,
-    3e-3: 4.51 mm at 100 steps, where 3e-4 gave 3.95 mm)."""
+    3e-3: 4.51 mm at 100 steps, where 3e-4 gave 3.95 mm). Measured with the albedo model of the time: each
+    change of the fit rebuilds the albedo model and so the synthetic faces, which moves these numbers."""
     return LossWeights(landmark=0.0)
 
 
@@ -82,7 +83,6 @@ def fit_coefficients(decoder: FaceDecoder, photo: torch.Tensor, face_mask: torch
     b = photo.shape[0]
     start = decoder.layout.zeros(b, photo.device, photo.dtype) if init is None else init.detach().clone()
     coeffs = start.clone().requires_grad_(True)
-    skin = decoder.face_region
     w = settings.weights
 
     if settings.landmark_steps > 0:
@@ -104,17 +104,15 @@ def fit_coefficients(decoder: FaceDecoder, photo: torch.Tensor, face_mask: torch
     opt = torch.optim.Adam([coeffs], lr=settings.lr)
     best, best_loss = coeffs.detach().clone(), torch.full((b,), float("inf"), device=coeffs.device, dtype=coeffs.dtype)
     for step in range(settings.full_steps + 1):
-        c = decoder.layout.split(coeffs)
         face = render_face(decoder, coeffs)
-        total, _ = hybrid_loss(face, c, photo, face_mask, lmk_px, lmk_weights, skin, w)
+        loss = face_totals(per_face_terms(decoder, face, coeffs, photo, face_mask, lmk_px, lmk_weights, w), w)
         with torch.no_grad():
-            loss = face_totals(per_face_terms(decoder, face, coeffs, photo, face_mask, lmk_px, lmk_weights, w), w)
             improved = loss < best_loss
             best[improved], best_loss[improved] = coeffs[improved], loss[improved]
         if step == settings.full_steps:  # the last step's result is scored, not stepped from
             break
         opt.zero_grad(set_to_none=True)
-        (b * total).backward()
+        loss.sum().backward()  # faces stay independent: each face's loss depends on its own coefficients only
         opt.step()
     return best
 
