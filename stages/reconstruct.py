@@ -96,7 +96,8 @@ def main(argv=None) -> None:
         if len(faces) == 0:
             raise SystemExit("no face to reconstruct")
     faces = faces.iloc[rank::world].reset_index(drop=True)
-    model = load_face_model(p["face_model"])
+    model_path = Path(p["face_model"])
+    model = load_face_model(model_path)
     decoder = FaceDecoder(model).to(device)
     method = args.method or p["method"]
     network = None
@@ -106,7 +107,7 @@ def main(argv=None) -> None:
             from pipeline.train.checkpoint import decoding_face_model, load_rnet
             network = load_rnet(checkpoint, device)
             try:
-                model = decoding_face_model(checkpoint, model)
+                model_path, model = decoding_face_model(checkpoint, model_path)
             except ValueError as err:
                 raise SystemExit(str(err)) from None
             decoder = FaceDecoder(model).to(device)
@@ -144,7 +145,7 @@ def main(argv=None) -> None:
         dist.destroy_process_group()
     if rank == 0:
         summary = {"faces": len(faces) * world if world > 1 else len(faces), "rejected": len(rejects),
-                   "method": method, "seconds": round(seconds, 3),
+                   "method": method, "face_model": str(model_path), "seconds": round(seconds, 3),
                    "faces_per_s": round(len(faces) / seconds, 3) if seconds > 0 else None,
                    "masked_psnr_mean": float(table["masked_psnr"].mean()) if len(table) else None}
         if len(rejects):

@@ -3,6 +3,7 @@ the reconstructed faces (input crop, overlay on the photo, mesh shading, landmar
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -11,6 +12,8 @@ import yaml
 from pipeline.face_model import FaceDecoder, load_face_model
 from pipeline.reconstruct.report import face_cards, read_metrics, report_html
 from pipeline.shards import decode_rgb, read_faces
+
+RECONSTRUCT_SUMMARY = Path("reports/reconstruct.json")  # the reconstruct stage's summary (dvc.yaml)
 
 
 def input_crops(shards_dir: Path, ids: set[str]) -> dict:
@@ -38,7 +41,10 @@ def main() -> None:
     reconstructions = Path(rec["out"])
     table = pd.read_parquet(reconstructions / "coefficients.parquet")
     shown = table.head(p["max_faces"])
-    model = load_face_model(rec["face_model"])  # the model the coefficients belong to
+    # the model the coefficients belong to: the one reconstruct decoded with (the trained copy next to the
+    # checkpoint when training changed the face model), else the configured one
+    summary = RECONSTRUCT_SUMMARY.exists() and json.loads(RECONSTRUCT_SUMMARY.read_text()) or {}
+    model = load_face_model(summary.get("face_model", rec["face_model"]))
     crops = input_crops(Path(rec["shards"]), set(shown["id"]))
     cards = face_cards(shown, FaceDecoder(model), reconstructions / "faces", crops)
     metrics = read_metrics({title: Path(path) for title, path in p["metrics"].items()})

@@ -312,11 +312,14 @@ def test_reconstruction_decodes_with_the_face_model_the_network_was_trained_with
 
     start = tiny_face_model()
     trained = replace(start, mean_albedo=start.mean_albedo * 0.9)  # as train.trainable would change it
+    save_face_model(start, tmp_path / "configured.npz")
     net = build_rnet("resnet18", CoeffLayout.of(start).size, None)
     atomic_save(rnet_record(net, "resnet18", CoeffLayout.of(start), trained, "fm.npz", 224, {}), tmp_path / "rnet.pt")
-    with pytest.raises(ValueError, match="neither the configured one"):
-        decoding_face_model(tmp_path / "rnet.pt", start)  # the trained copy is not there yet
+    with pytest.raises(ValueError, match="neither"):
+        decoding_face_model(tmp_path / "rnet.pt", tmp_path / "configured.npz")  # the trained copy is not there
     save_face_model(trained, tmp_path / "fm.npz")
-    chosen = decoding_face_model(tmp_path / "rnet.pt", start)
+    path, chosen = decoding_face_model(tmp_path / "rnet.pt", tmp_path / "configured.npz")
+    assert path == tmp_path / "fm.npz"
     np.testing.assert_array_equal(chosen.mean_albedo, trained.mean_albedo)
-    assert decoding_face_model(tmp_path / "rnet.pt", trained) is trained
+    save_face_model(trained, tmp_path / "configured.npz")
+    assert decoding_face_model(tmp_path / "rnet.pt", tmp_path / "configured.npz")[0] == tmp_path / "configured.npz"

@@ -103,17 +103,16 @@ def load_rnet(path: str | Path, device: torch.device | str = "cpu") -> nn.Module
     return net.to(device).eval()
 
 
-def decoding_face_model(checkpoint: str | Path, candidate: FaceModel) -> FaceModel:
-    """The face model that decodes the network's coefficients: `candidate` when it is the one the record names
-    (same face_model_digest), else the copy training saved next to the checkpoint (with `train.trainable` the
-    arrays change during training). ValueError, naming both, when neither is that model."""
+def decoding_face_model(checkpoint: str | Path, candidate: str | Path) -> tuple[Path, FaceModel]:
+    """(path, model) of the face model that decodes the network's coefficients: the `candidate` file when it is
+    the one the record names (same face_model_digest), else the copy training saved next to the checkpoint (with
+    `train.trainable` the arrays change during training). ValueError, naming both, when neither is that model."""
     named = load_rnet_record(checkpoint)["face_model"]
-    if face_model_digest(candidate) == named["sha256"]:
-        return candidate
-    trained = Path(checkpoint).parent / named["file"]
-    if trained.exists():
-        model = load_face_model(trained)
-        if face_model_digest(model) == named["sha256"]:
-            return model
+    for path in (Path(candidate), Path(checkpoint).parent / named["file"]):
+        if path.exists():
+            model = load_face_model(path)
+            if face_model_digest(model) == named["sha256"]:
+                return path, model
     raise ValueError(f"{checkpoint} was trained with face model {named['name']!r} {named['version']!r} "
-                     f"(sha256 {named['sha256'][:12]}...), which is neither the configured one nor {trained}")
+                     f"(sha256 {named['sha256'][:12]}...), which is neither {candidate} nor "
+                     f"{Path(checkpoint).parent / named['file']}")
