@@ -96,9 +96,7 @@ def main(argv=None) -> None:
         if len(faces) == 0:
             raise SystemExit("no face to reconstruct")
     faces = faces.iloc[rank::world].reset_index(drop=True)
-    model_path = Path(p["face_model"])
-    model = load_face_model(model_path)
-    decoder = FaceDecoder(model).to(device)
+    model_path, model = Path(p["face_model"]), None
     method = args.method or p["method"]
     network = None
     if method != "fit":
@@ -110,10 +108,10 @@ def main(argv=None) -> None:
                 model_path, model = decoding_face_model(checkpoint, model_path)
             except ValueError as err:
                 raise SystemExit(str(err)) from None
-            decoder = FaceDecoder(model).to(device)
         else:
             print(f"{checkpoint} not found: reconstructing by per-image fitting (method fit)", file=sys.stderr)
             method = "fit"
+    decoder = FaceDecoder(model if model is not None else load_face_model(model_path)).to(device)
     fit = FitSettings.from_params(p)
     weights = fit.weights
     lmk_w = landmark_weights().to(device)

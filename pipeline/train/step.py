@@ -2,8 +2,8 @@
 
 R-Net regresses coefficients, the face model and renderer turn them into an image and landmarks, and the
 loss of Deng et al. (2019) compares them with the photo (weak supervision: no 3D labels). The loss of a
-batch is the mean over its samples of each sample's loss (every hybrid term is a per-sample mean) and DDP averages gradients over
-processes, so N processes with B/N samples each take the step of one process with all B (BatchNorm
+batch is the mean over its samples of each sample's loss (every hybrid term is a per-sample mean) and DDP
+averages gradients over processes, so N processes with B/N samples each take the step of one process with all B (BatchNorm
 statistics aside: they stay per process, as in Deep3DFaceRecon). Adam, lr x `lr_decay` every
 `lr_decay_epochs` epochs (counted in steps), gradients clipped to `grad_clip`, AMP (float16 + GradScaler)
 on CUDA only. A step whose loss is not finite in any process is skipped by all of them and counted; more
@@ -43,10 +43,10 @@ class Reconstructor(nn.Module):
         return coeffs, render_face(self.decoder, coeffs)
 
 
-
 def face_model_prior(decoder: FaceDecoder, start: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum over the trained face model arrays {name: start value} of the mean squared change from the start."""
     return sum(((getattr(decoder, name) - value) ** 2).mean() for name, value in start.items())
+
 
 @dataclass
 class StepResult:
