@@ -64,11 +64,12 @@ def main() -> None:
     face_model = load_face_model(r["face_model"])
     decoder = FaceDecoder(face_model).to(device)
     faces = read_faces(sorted(Path(r["shards"]).glob("*.parquet")))
-    faces = faces.iloc[[i % len(faces) for i in range(batch)]].reset_index(drop=True)
+    n_faces = batch * b["reconstruct_batches"]
+    faces = faces.iloc[[i % len(faces) for i in range(n_faces)]].reset_index(drop=True)
     cfg = train_config(params["train"])
     network = build_rnet(cfg.arch, decoder.layout.size, None).to(device).eval()
     fit = FitSettings.from_params(r)
-    out.update(reconstruct_throughput(decoder, network, faces, fit, repeats))
+    out.update(reconstruct_throughput(decoder, network, faces, batch, fit, repeats))
     out["reconstruct_vs_rnet_bound"] = out["reconstruct_network_img_s"] / out["rnet_forward_bound_img_s"]
 
     train_faces = ShardDataset(sorted(Path(params["train"]["shards"]).glob("train-*.parquet")))

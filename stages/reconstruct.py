@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from pipeline.face_model import FaceDecoder, load_face_model
 from pipeline.losses import landmark_weights
-from pipeline.reconstruct.batch import reconstruct_batch
 from pipeline.reconstruct.fit import FitSettings
-from pipeline.reconstruct.outputs import FaceOutputs, face_rows, faces_to_batch, write_face_files
+from pipeline.reconstruct.outputs import FaceOutputs, write_face_files
+from pipeline.reconstruct.stream import reconstruct_faces
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -113,20 +113,17 @@ def main(argv=None) -> None:
             method = "fit"
     decoder = FaceDecoder(model if model is not None else load_face_model(model_path)).to(device)
     fit = FitSettings.from_params(p)
-    weights = fit.weights
     lmk_w = landmark_weights().to(device)
     files = FaceOutputs(meshes=p["write_meshes"], overlays=p["write_overlays"], crops=p["write_crops"])
 
-    rows, start = [], time.perf_counter()
+    start = time.perf_counter()
     with tqdm(total=len(faces), desc=f"reconstruct[{method}]", disable=rank != 0) as bar:
-        for lo in range(0, len(faces), p["batch_size"]):
-            chunk = faces.iloc[lo:lo + p["batch_size"]]
-            batch = faces_to_batch(chunk, device)
-            coeffs = reconstruct_batch(decoder, batch, method, fit, lmk_w, network, p["refine_steps"])
-            chunk_rows, render = face_rows(decoder, coeffs, batch, chunk, method, lmk_w, weights)
+        def write_files(chunk, chunk_rows, render, batch) -> None:
             write_face_files(out / "faces", chunk, chunk_rows, render, batch.photo, decoder, files)
-            rows += chunk_rows
             bar.update(len(chunk))
+
+        rows = reconstruct_faces(decoder, faces, method, fit, lmk_w, network, p["refine_steps"], p["batch_size"],
+                                 write_files)
     seconds = time.perf_counter() - start
     table = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)

@@ -275,3 +275,59 @@ def test_fit_returns_each_faces_lowest_loss_iterate(sfm):
     with torch.no_grad():
         lmk_err = (decoder(coeffs).lmk_px - batch.lmk_px).norm(dim=-1).mean(dim=1)
     assert torch.all(lmk_err < 1.0), lmk_err
+
+
+def _encoded_faces(decoder: FaceDecoder, coeffs: torch.Tensor):
+    """A faces table (as in the shards: PNG crop and mask bytes, landmarks) of renders of coeffs."""
+    import cv2
+    import pandas as pd
+
+    batch = synthetic_batch(decoder, coeffs)
+    rgb = (batch.photo.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+    grey = (batch.face_mask[:, 0].numpy() * 255 + 0.5).astype(np.uint8)
+    n = len(coeffs)
+    return pd.DataFrame({"id": [f"p{i}.jpg#0" for i in range(n)], "source": [f"p{i}.jpg" for i in range(n)],
+                         "face_index": [0] * n, "transform": [np.array([1.0, 0, 0, 0, 1.0, 0])] * n,
+                         "crop": [cv2.imencode(".png", x[..., ::-1])[1].tobytes() for x in rgb],
+                         "mask": [cv2.imencode(".png", x)[1].tobytes() for x in grey],
+                         "landmarks": [x.reshape(-1).numpy() for x in batch.lmk_px]})
+
+
+def test_streamed_reconstruction_equals_batch_after_batch(sfm):
+    """reconstruct_faces overlaps scoring with the next batch: same rows, in table order, each batch handed
+    to on_batch once; a failure while scoring reaches the caller."""
+    from pipeline.reconstruct.batch import reconstruct_batch
+    from pipeline.reconstruct.outputs import face_rows, faces_to_batch
+    from pipeline.reconstruct.stream import reconstruct_faces
+
+    decoder = FaceDecoder(sfm)
+    truth = random_faces(decoder, 5, seed=7)
+    faces = _encoded_faces(decoder, truth)
+
+    def network(photo):  # a stand-in R-Net: each face's coefficients follow its photo, so all rows differ
+        return decoder.layout.zeros(len(photo)) + 0.5 * photo.mean(dim=(1, 2, 3))[:, None]
+
+    settings, lmk_w = FitSettings(), landmark_weights()
+    seen = []
+    rows = reconstruct_faces(decoder, faces, "network", settings, lmk_w, network, batch_size=2,
+                             on_batch=lambda chunk, chunk_rows, render, batch: seen.append(list(chunk["id"])))
+    assert seen == [["p0.jpg#0", "p1.jpg#0"], ["p2.jpg#0", "p3.jpg#0"], ["p4.jpg#0"]]
+    expected = []
+    for lo in range(0, 5, 2):
+        chunk = faces.iloc[lo:lo + 2]
+        batch = faces_to_batch(chunk, torch.device("cpu"))
+        coeffs = reconstruct_batch(decoder, batch, "network", settings, lmk_w, network)
+        expected += face_rows(decoder, coeffs, batch, chunk, "network", lmk_w, settings.weights)[0]
+    assert [r["id"] for r in rows] == list(faces["id"])
+    for got, want in zip(rows, expected):
+        assert got["masked_psnr"] == want["masked_psnr"] and got["loss_photometric"] == want["loss_photometric"]
+        np.testing.assert_array_equal(got["coeff_id"], want["coeff_id"])
+        np.testing.assert_array_equal(got["lmk_px"], want["lmk_px"])
+
+    def fail(chunk, *_):
+        if chunk["id"].iloc[0] == "p2.jpg#0":
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        reconstruct_faces(decoder, faces, "network", settings, lmk_w, network, batch_size=2, on_batch=fail)
+

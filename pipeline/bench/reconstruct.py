@@ -8,35 +8,37 @@ from ..face_model import FaceDecoder
 from ..losses import landmark_weights
 from ..reconstruct.batch import reconstruct_batch
 from ..reconstruct.fit import FitSettings
-from ..reconstruct.outputs import face_rows, faces_to_batch
-from .timing import median_seconds
+from ..reconstruct.outputs import faces_to_batch
+from ..reconstruct.stream import reconstruct_faces
+from .timing import interleaved_median_seconds, median_seconds
 
 
-def reconstruct_throughput(decoder: FaceDecoder, network: torch.nn.Module, faces: pd.DataFrame, fit: FitSettings,
-                           repeats: int) -> dict[str, float]:
-    """faces: a table of B faces (crop/mask/landmarks bytes as in the shards). Returns
-    reconstruct_network_img_s (decode + R-Net + one render for the loss terms and PSNR + table rows), rnet_forward_bound_img_s (R-Net forward on
-    the same decoded batch), fit_s_per_image (method 'fit' at `fit` settings, whole batch / B)."""
+def reconstruct_throughput(decoder: FaceDecoder, network: torch.nn.Module, faces: pd.DataFrame, batch_size: int,
+                           fit: FitSettings, repeats: int) -> dict[str, float]:
+    """faces: a table of N faces (crop/mask/landmarks bytes as in the shards), N a multiple of batch_size.
+    Returns reconstruct_network_img_s (reconstruct_faces with method 'network' over the N faces: decode + R-Net
+    + one scoring render for the loss terms and PSNR + table rows, no files), rnet_forward_bound_img_s (R-Net
+    forward alone on the same decoded batches) and fit_s_per_image (method 'fit' at `fit` settings on the first
+    batch, whole batch / batch_size)."""
     device = decoder.triangles.device
     lmk_w = landmark_weights().to(device)
-    b = len(faces)
+    n = len(faces)
+    batches = [faces_to_batch(faces.iloc[lo:lo + batch_size], device) for lo in range(0, n, batch_size)]
 
     def network_path():
-        batch = faces_to_batch(faces, device)
-        coeffs = reconstruct_batch(decoder, batch, "network", fit, lmk_w, network)
-        face_rows(decoder, coeffs, batch, faces, "network", lmk_w, fit.weights)
-
-    batch = faces_to_batch(faces, device)
+        reconstruct_faces(decoder, faces, "network", fit, lmk_w, network, batch_size=batch_size)
 
     def forward_only():
         with torch.no_grad():
-            network(batch.photo)
+            for batch in batches:
+                network(batch.photo)
 
     def fit_path():
-        reconstruct_batch(decoder, batch, "fit", fit, lmk_w)
+        reconstruct_batch(decoder, batches[0], "fit", fit, lmk_w)
 
+    seconds = interleaved_median_seconds({"network": network_path, "forward": forward_only}, repeats, warmup=1)
     return {
-        "reconstruct_network_img_s": b / median_seconds(network_path, repeats, warmup=1),
-        "rnet_forward_bound_img_s": b / median_seconds(forward_only, repeats, warmup=1),
-        "fit_s_per_image": median_seconds(fit_path, 1, warmup=0) / b,  # one fit is tens of seconds
+        "reconstruct_network_img_s": n / seconds["network"],
+        "rnet_forward_bound_img_s": n / seconds["forward"],
+        "fit_s_per_image": median_seconds(fit_path, 1, warmup=0) / len(batches[0].photo),  # a fit is tens of s
     }

@@ -6,14 +6,24 @@ import time
 from typing import Callable
 
 
-def median_seconds(step: Callable[[], None], repeats: int, warmup: int) -> float:
-    """Median seconds of `repeats` timed calls of `step` after `warmup` untimed ones (allocator, thread pools,
-    lazy initialisation). CUDA callers synchronise inside `step`."""
+def interleaved_median_seconds(steps: dict[str, Callable[[], None]], repeats: int,
+                               warmup: int) -> dict[str, float]:
+    """{name: median seconds} of `repeats` timed calls of each step after `warmup` untimed rounds (allocator,
+    thread pools, lazy initialisation). Each round calls every step once, in turn, so a slow spell of the
+    machine (another tenant, clock changes) hits a path and the peer it is compared with alike.
+    CUDA callers synchronise inside each step."""
     for _ in range(warmup):
-        step()
-    seconds = []
+        for step in steps.values():
+            step()
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def median_seconds(step: Callable[[], None], repeats: int, warmup: int) -> float:
+    """Median seconds of `repeats` timed calls of `step` after `warmup` untimed ones."""
+    return interleaved_median_seconds({"step": step}, repeats, warmup)["step"]
