@@ -6,6 +6,8 @@
   after a Procrustes alignment (evaluate.alignment), then the mean over faces.
 - Annotated photos (evaluate.annotations, .pts/.mat): landmark NME of our projected landmarks and of dlib's,
   from the `reconstruct_annotated` output; an undetected face counts in landmark_nme_missed.
+  landmark_nme_model_floor: the face model's own landmarks fitted to the ground truth (no prior), the floor
+  under any reconstruction's landmark_nme with that model.
 - Real photos: masked PSNR, the mean of the `reconstruct` stage's per-face values.
 
 Direction of the ratios: vertex_error_vs_eos = ours / eos (< 1: we are more accurate); fit_speed_vs_eos =
@@ -16,6 +18,7 @@ Per-face numbers go to reports/evaluate_faces.csv.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -27,7 +30,8 @@ from pipeline.evaluate.annotations import find_annotations
 from pipeline.evaluate.benchmark import (N_LANDMARKS, add_peer_scores, annotated_metrics, annotated_scores,
                                          stack_column, synthetic_metrics, synthetic_scores)
 from pipeline.evaluate.eos_baseline import SFM_VERTS, EosFitter
-from pipeline.face_model import load_face_model
+from pipeline.evaluate.landmark_floor import model_landmark_floor
+from pipeline.face_model import FaceDecoder, load_face_model
 
 
 def seconds_per_face(summary_path: Path) -> float | None:
@@ -73,7 +77,8 @@ def main(argv=None) -> None:
 
     annotations = find_annotations(p["annotated_images"], p["annotations"])
     annotated = pd.read_parquet(args.annotated / "coefficients.parquet")
-    ann_scores = annotated_scores(annotated, annotations)
+    ann_decoder = FaceDecoder(load_face_model(json.loads((args.annotated / "summary.json").read_text())["face_model"]))
+    ann_scores = annotated_scores(annotated, annotations, functools.partial(model_landmark_floor, ann_decoder))
     metrics.update(annotated_metrics(ann_scores))
 
     photos = pd.read_parquet(Path(params["reconstruct"]["out"]) / "coefficients.parquet")

@@ -355,6 +355,56 @@ def test_annotated_scores_count_missed_faces():
     assert annotated_metrics(annotated_scores(pd.DataFrame(), annotations))["landmark_nme_missed"] == 2
 
 
+def crop_transform_around(lmk_px: np.ndarray) -> np.ndarray:
+    """(2, 3) photo -> crop similarity putting the landmarks' box, 120 px wide, at the 224 crop's centre."""
+    lo, hi = lmk_px.min(0), lmk_px.max(0)
+    scale = 120.0 / (hi - lo)[0]
+    return np.array([[scale, 0.0, 112.0 - scale * (lo + hi)[0] / 2], [0.0, scale, 112.0 - scale * (lo + hi)[1] / 2]])
+
+
+def test_annotated_scores_floor_is_fitted_once_for_the_detected_faces():
+    gt = read_pts(ANNOTATED / "image_0010.pts")
+    transform = crop_transform_around(gt)
+    recon = pd.DataFrame([{"source": str(ANNOTATED / "image_0010.png"), "lmk_px": gt.reshape(-1),
+                           "dlib_lmk_px": gt.reshape(-1), "transform": transform.reshape(-1)}])
+    calls = []
+
+    def floor(gt_px, transforms):  # stands in for the model fit: lands 2 px to the right of the truth
+        calls.append((gt_px.shape, transforms.shape))
+        np.testing.assert_allclose(transforms[0], transform)
+        return gt_px + [2.0, 0.0]
+
+    annotations = {ANNOTATED / "image_0010.png": gt, ANNOTATED / "missing.png": gt}
+    scores = annotated_scores(recon, annotations, floor)
+    assert calls == [((1, 68, 2), (1, 2, 3))]
+    assert scores["nme_model_floor"].iloc[0] == pytest.approx(box_nme(gt, 2.0))
+    assert np.isnan(scores["nme_model_floor"].iloc[1])
+    assert annotated_metrics(scores)["landmark_nme_model_floor"] == pytest.approx(box_nme(gt, 2.0))
+
+
+def test_model_landmark_floor_reaches_landmarks_the_model_made(sfm):
+    """Landmarks projected from a face of the model itself (identity, expression, 25 deg yaw), seen through a
+    crop transform: the floor fit finds them again (NME ~0), and the photo-px round trip is exact."""
+    from pipeline.evaluate.landmark_floor import model_landmark_floor
+
+    decoder = FaceDecoder(sfm)
+    g = torch.Generator().manual_seed(3)
+    c = decoder.layout.split(decoder.layout.zeros(1))
+    c.id.copy_(torch.randn(c.id.shape, generator=g) * 0.7)
+    c.exp.copy_(torch.rand(c.exp.shape, generator=g) * 0.3)
+    c.rot[0, 1] = math.radians(25.0)
+    with torch.no_grad():
+        lmk_crop = decoder.landmark_px(c)[0].double().numpy()
+    transform = np.array([[0.5, 0.0, 30.0], [0.0, 0.5, 20.0]])  # photo -> crop: the photo is twice the crop size
+    gt_photo = (lmk_crop - transform[:, 2]) / 0.5
+    fitted = model_landmark_floor(decoder, gt_photo[None], transform.reshape(1, 6), steps=800)
+    assert landmark_nme(fitted, gt_photo[None])[0] < 2.0e-3
+    unreachable = gt_photo.copy()
+    unreachable[0:17] = gt_photo[16::-1]  # the jaw line numbered backwards: no face puts point 1 on its left
+    fitted = model_landmark_floor(decoder, unreachable[None], transform.reshape(1, 6), steps=800)
+    assert landmark_nme(fitted, unreachable[None])[0] > 0.05
+
+
 def test_evaluate_stage_on_fabricated_reconstructions(sfm, tmp_path, monkeypatch):
     from stages.evaluate import main
 
@@ -368,11 +418,13 @@ def test_evaluate_stage_on_fabricated_reconstructions(sfm, tmp_path, monkeypatch
     annotated = tmp_path / "annotated"
     annotated.mkdir()
     pd.DataFrame([{"source": str(ANNOTATED / "image_0010.png"), "lmk_px": (gt + [0.6, 0.8]).reshape(-1),
-                   "dlib_lmk_px": (gt + [3.0, 4.0]).reshape(-1)}]).to_parquet(annotated / "coefficients.parquet")
+                   "dlib_lmk_px": (gt + [3.0, 4.0]).reshape(-1), "transform": crop_transform_around(gt).reshape(-1)}]
+                 ).to_parquet(annotated / "coefficients.parquet")
     photos = tmp_path / "photos"
     photos.mkdir()
     pd.DataFrame({"masked_psnr": [20.0, 30.0]}).to_parquet(photos / "coefficients.parquet")
     save_face_model(sfm, tmp_path / "model.npz")
+    (annotated / "summary.json").write_text(json.dumps({"faces": 1, "face_model": str(tmp_path / "model.npz")}))
     params = {"synth": {"face_model": str(tmp_path / "model.npz")}, "reconstruct": {"out": str(photos)},
               "evaluate": {"alignment": "rigid", "annotations": str(ANNOTATED), "annotated_images": str(ANNOTATED),
                            "sfm_dir": str(SFM_DIR), "eos_iterations": 5, "eos_lambda_identity": 30.0,
@@ -389,6 +441,7 @@ def test_evaluate_stage_on_fabricated_reconstructions(sfm, tmp_path, monkeypatch
     assert m["landmark_nme"] == pytest.approx(box_nme(gt, 1.0)) and m["landmark_nme_dlib"] == pytest.approx(
         box_nme(gt, 5.0))
     assert (m["landmark_nme_count"], m["landmark_nme_missed"]) == (1, 0)
+    assert 0.0 < m["landmark_nme_model_floor"] < 0.03  # the SFM reaches a real annotation to within 3 %
     assert m["masked_psnr"] == 25.0 and m["masked_psnr_count"] == 2
     faces = pd.read_csv(tmp_path / "faces.csv")
     assert sorted(faces["set"]) == ["annotated", "synthetic"]

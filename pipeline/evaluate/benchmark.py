@@ -6,6 +6,8 @@ face: source, verts_model, lmk_px, dlib_lmk_px, masked_psnr, ...) and `truth.par
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
+
 import numpy as np
 import pandas as pd
 
@@ -97,9 +99,12 @@ def add_peer_scores(scores: pd.DataFrame, truth: pd.DataFrame, peer_verts_mm: np
                          eos_seconds=np.asarray(peer_seconds, np.float64))
 
 
-def annotated_scores(recon: pd.DataFrame, annotations: dict[Path, np.ndarray]) -> pd.DataFrame:
+def annotated_scores(recon: pd.DataFrame, annotations: dict[Path, np.ndarray],
+                     landmark_floor: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> pd.DataFrame:
     """One row per annotated image: image, detected (bool), nme and nme_dlib (NaN where no face was detected).
-    annotations: {image path: (68, 2) px ground truth}; reconstructions match by resolved source path."""
+    annotations: {image path: (68, 2) px ground truth}; reconstructions match by resolved source path.
+    landmark_floor (model_landmark_floor with its decoder bound): given, the column nme_model_floor holds the NME
+    of the face model's own landmarks fitted to the ground truth, the floor under nme (one batched call)."""
     gt_by_key = {str(Path(p).resolve()): gt for p, gt in annotations.items()}
     keys = recon["source"].map(lambda s: str(Path(s).resolve())) if not recon.empty else pd.Series([], dtype=str)
     chosen = pick_faces(recon, keys, gt_by_key)
@@ -111,7 +116,16 @@ def annotated_scores(recon: pd.DataFrame, annotations: dict[Path, np.ndarray]) -
             nme, nme_dlib = (float(landmark_nme(np.asarray(row[c], np.float64).reshape(1, N_LANDMARKS, 2), gt[None])[0])
                              for c in ("lmk_px", "dlib_lmk_px"))
         rows.append({"image": Path(key).name, "detected": key in chosen, "nme": nme, "nme_dlib": nme_dlib})
-    return pd.DataFrame(rows, columns=["image", "detected", "nme", "nme_dlib"])
+    scores = pd.DataFrame(rows, columns=["image", "detected", "nme", "nme_dlib"])
+    if landmark_floor is not None:
+        found = [key for key in gt_by_key if key in chosen]
+        floor = np.full(len(scores), np.nan)
+        if found:
+            gt = np.stack([gt_by_key[key] for key in found])
+            fitted = landmark_floor(gt, stack_column(recon.loc[[chosen[key] for key in found], "transform"], (2, 3)))
+            floor[scores.index[scores["detected"]]] = landmark_nme(fitted, gt)
+        scores["nme_model_floor"] = floor
+    return scores
 
 
 def _mean(values) -> float | None:
@@ -159,5 +173,6 @@ def annotated_metrics(scores: pd.DataFrame) -> dict:
     landmark_nme_missed (the count of evaluated faces is landmark_nme_count)."""
     found = scores[scores["detected"]]
     return {"landmark_nme": _mean(found["nme"]), "landmark_nme_dlib": _mean(found["nme_dlib"]),
+            "landmark_nme_model_floor": _mean(found.get("nme_model_floor", [])),
             "landmark_nme_count": int(len(found)), "landmark_nme_missed": int(len(scores) - len(found))}
 

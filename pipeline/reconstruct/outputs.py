@@ -67,8 +67,8 @@ def file_stem(face_id: str) -> str:
 
 def face_rows(decoder: FaceDecoder, coeffs: torch.Tensor, batch: FaceBatch, faces: pd.DataFrame, method: str,
               lmk_weights: torch.Tensor, weights: LossWeights) -> tuple[list[dict], FaceRender]:
-    """One table row per face: ids, coefficient groups, Euler angles in degrees, landmarks (projected, in crop and
-    ORIGINAL-photo px; dlib's in photo px), the identity+expression mesh (mm), masked PSNR and the loss terms.
+    """One table row per face: ids, the crop's 2x3 photo -> crop transform (6 values, row-major), coefficient
+    groups, Euler angles in degrees, landmarks (projected, in crop and ORIGINAL-photo px; dlib's in photo px), the identity+expression mesh (mm), masked PSNR and the loss terms.
     Returns the rows and the render (B faces) they were measured on."""
     with torch.no_grad():
         face = render_face(decoder, coeffs)
@@ -88,7 +88,7 @@ def face_rows(decoder: FaceDecoder, coeffs: torch.Tensor, batch: FaceBatch, face
         transform = np.asarray(meta.transform, np.float64).reshape(2, 3)
         pitch, yaw, roll = angles_deg[i]
         row = {"id": meta.id, "source": meta.source, "face_index": int(meta.face_index), "method": method,
-               "files_stem": file_stem(meta.id)}
+               "files_stem": file_stem(meta.id), "transform": transform.reshape(-1)}
         row.update({name: group[i] for name, group in coeff_groups.items()})
         row.update(
             pitch_deg=float(pitch), yaw_deg=float(yaw), roll_deg=float(roll),

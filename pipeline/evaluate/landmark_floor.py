@@ -1,0 +1,44 @@
+"""How close the face model's own landmarks can get to annotated ones: the floor under any fit's landmark NME.
+
+A reconstruction's landmarks are the projections of fixed model points (sliding along the jaw contour), so
+their NME cannot go below what the model reaches when fitted to the ground truth itself. Comparing that floor
+with the detector's NME says whether beating the detector is possible with this face model at all.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..detect.alignment import transform_points
+from ..face_model import FaceDecoder
+from ..reconstruct.export import crop_to_photo_px
+from ..reconstruct.fit import FitSettings, fit_coefficients
+
+N_LANDMARKS = 68
+
+
+def model_landmark_floor(decoder: FaceDecoder, gt_px: np.ndarray, transform: np.ndarray, steps: int = 2000,
+                         lr: float = 5.0e-2) -> np.ndarray:
+    """The model's landmarks fitted to ground truth: pose, identity and expression by Adam against the
+    landmarks alone, equal point weights, no coefficient prior (the model's reach, not a plausible face).
+
+    gt_px: (N, 68, 2) ground-truth landmarks, photo px; transform: (N, 6) or (N, 2, 3) photo -> crop px of each
+    face's crop (the reconstruction rows' `transform`). Returns (N, 68, 2) float64 photo px.
+    """
+    gt_px = np.asarray(gt_px, np.float64)
+    transform = np.asarray(transform, np.float64).reshape(-1, 2, 3)
+    if gt_px.ndim != 3 or gt_px.shape[1:] != (N_LANDMARKS, 2) or len(transform) != len(gt_px):
+        raise ValueError(f"gt_px: expected (N, 68, 2) with N transforms, got {gt_px.shape} and {len(transform)}")
+    if len(gt_px) == 0:
+        return gt_px.copy()
+    device, size = decoder.triangles.device, decoder.camera.size_px
+    gt_crop = torch.tensor(np.stack([transform_points(g, m) for g, m in zip(gt_px, transform)]),
+                           dtype=torch.float32, device=device)
+    n = len(gt_px)
+    blank = torch.zeros(n, 3, size, size, device=device)  # the landmark stage never looks at the photo
+    settings = FitSettings(landmark_steps=steps, full_steps=0, lr=lr, landmark_stage_coefficient=0.0)
+    coeffs = fit_coefficients(decoder, blank, blank[:, :1], gt_crop, torch.ones(N_LANDMARKS, device=device),
+                              settings)
+    with torch.no_grad():
+        lmk_crop = decoder.landmark_px(decoder.layout.split(coeffs)).double().cpu().numpy()
+    return np.stack([crop_to_photo_px(p, m) for p, m in zip(lmk_crop, transform)])
