@@ -129,8 +129,13 @@ def test_masked_psnr_counts_only_masked_pixels():
     assert np.isnan(masked_psnr(render[:1], photo[:1], np.zeros((1, 1, 4, 4))))[0]
     # float32 images (as rendered) give the float64 answer: the sums are float64
     assert masked_psnr(*(x.astype(np.float32) for x in (render, photo, mask))) == pytest.approx(psnr, rel=1e-6)
+    # torch tensors (a render batch on its device) give the same answer
+    tensors = [torch.from_numpy(x.astype(np.float32)) for x in (render, photo, mask)]
+    assert masked_psnr(*tensors) == pytest.approx(psnr, rel=1e-6)
     with pytest.raises(ValueError, match="mask"):
         masked_psnr(render, photo, mask[:, :, :3])
+    with pytest.raises(ValueError, match="mask"):
+        masked_psnr(tensors[0], tensors[1], tensors[2][:, :, :3])
 
 
 # ---------------------------------------------------------------- aligned vertex error

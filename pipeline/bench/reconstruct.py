@@ -25,16 +25,23 @@ def reconstruct_throughput(decoder: FaceDecoder, network: torch.nn.Module, faces
     n = len(faces)
     batches = [faces_to_batch(faces.iloc[lo:lo + batch_size], device) for lo in range(0, n, batch_size)]
 
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     def network_path():
         reconstruct_faces(decoder, faces, "network", fit, lmk_w, network, batch_size=batch_size)
+        synchronize()
 
     def forward_only():
         with torch.no_grad():
             for batch in batches:
                 network(batch.photo)
+        synchronize()
 
     def fit_path():
         reconstruct_batch(decoder, batches[0], "fit", fit, lmk_w)
+        synchronize()
 
     seconds = interleaved_median_seconds({"network": network_path, "forward": forward_only}, repeats, warmup=1)
     return {

@@ -1,11 +1,12 @@
 """Standard reconstruction metrics: landmark NME, masked PSNR, Procrustes-aligned per-vertex error.
 
-Pure numpy functions; spaces and units follow docs/conventions.md (pixels with centres at integers, model
+Pure numpy functions (masked_psnr also takes torch tensors, reduced on their device); spaces and units follow docs/conventions.md (pixels with centres at integers, model
 space in mm).
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 ALIGN_MODES = ("rigid", "similarity")
 
@@ -33,19 +34,25 @@ def landmark_nme(pred_px: np.ndarray, gt_px: np.ndarray) -> np.ndarray:
     return np.linalg.norm(pred_px - gt_px, axis=-1).mean(axis=1) / box_size
 
 
-def masked_psnr(render: np.ndarray, photo: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def masked_psnr(render, photo, mask) -> np.ndarray:
     """PSNR (N,) in dB of render vs photo over the masked pixels only.
 
     render, photo: (N, 3, H, W) in [0, 1]; mask: (N, 1, H, W) weights in [0, 1] (a pixel's squared error counts
-    with its weight, in all three channels). A face whose mask is empty gets NaN: there is nothing to measure.
+    with its weight, in all three channels). All numpy arrays, or all torch tensors: tensors are reduced on their
+    device and only the (N,) sums leave it. A face whose mask is empty gets NaN: there is nothing to measure.
     Per-pixel errors stay in the inputs' float type (no float64 copies of whole batches), sums are float64.
     """
-    render, photo, mask = (np.asarray(x) for x in (render, photo, mask))
+    if not isinstance(photo, torch.Tensor):
+        render, photo, mask = (np.asarray(x) for x in (render, photo, mask))
     check_shape("photo", photo, (None, 3, None, None))
     check_shape("render", render, photo.shape)
-    check_shape("mask", mask, (photo.shape[0], 1) + photo.shape[2:])
-    weight = mask.sum(axis=(1, 2, 3), dtype=np.float64) * 3
-    sq_err = (np.square(render - photo) * mask).sum(axis=(1, 2, 3), dtype=np.float64)
+    check_shape("mask", mask, (photo.shape[0], 1) + tuple(photo.shape[2:]))
+    if isinstance(photo, torch.Tensor):
+        weight = mask.sum(dim=(1, 2, 3), dtype=torch.float64).cpu().numpy() * 3
+        sq_err = ((render - photo).square() * mask).sum(dim=(1, 2, 3), dtype=torch.float64).cpu().numpy()
+    else:
+        weight = mask.sum(axis=(1, 2, 3), dtype=np.float64) * 3
+        sq_err = (np.square(render - photo) * mask).sum(axis=(1, 2, 3), dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         mse = np.where(weight > 0, sq_err / np.where(weight > 0, weight, 1.0), np.nan)
         # A perfect match is capped at 100 dB (MSE 1e-10) rather than reported as infinity.

@@ -73,8 +73,7 @@ def face_rows(decoder: FaceDecoder, coeffs: torch.Tensor, batch: FaceBatch, face
     with torch.no_grad():
         face = render_face(decoder, coeffs)
         terms = per_face_terms(decoder, face, coeffs, batch.photo, batch.face_mask, batch.lmk_px, lmk_weights, weights)
-        psnr = masked_psnr(face.image.cpu().numpy(), batch.photo.cpu().numpy(),
-                           (batch.face_mask * face.mask).cpu().numpy())
+        psnr = masked_psnr(face.image, batch.photo, batch.face_mask * face.mask)
     # whole-batch arrays once; each row takes its face's slice
     c = decoder.layout.split(coeffs.detach())
     coeff_groups = {f"coeff_{name}": getattr(c, name).cpu().numpy().astype(np.float32) for name in c._fields}
