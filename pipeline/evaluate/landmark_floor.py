@@ -12,7 +12,7 @@ import torch
 from ..detect.alignment import transform_points
 from ..face_model import FaceDecoder
 from ..reconstruct.export import crop_to_photo_px
-from ..reconstruct.fit import FitSettings, fit_coefficients
+from ..reconstruct.fit import fit_to_landmarks
 
 N_LANDMARKS = 68
 
@@ -31,14 +31,12 @@ def model_landmark_floor(decoder: FaceDecoder, gt_px: np.ndarray, transform: np.
         raise ValueError(f"gt_px: expected (N, 68, 2) with N transforms, got {gt_px.shape} and {len(transform)}")
     if len(gt_px) == 0:
         return gt_px.copy()
-    device, size = decoder.triangles.device, decoder.camera.size_px
+    device = decoder.triangles.device
     gt_crop = torch.tensor(np.stack([transform_points(g, m) for g, m in zip(gt_px, transform)]),
                            dtype=torch.float32, device=device)
-    n = len(gt_px)
-    blank = torch.zeros(n, 3, size, size, device=device)  # the landmark stage never looks at the photo
-    settings = FitSettings(landmark_steps=steps, full_steps=0, lr=lr, landmark_stage_coefficient=0.0)
-    coeffs = fit_coefficients(decoder, blank, blank[:, :1], gt_crop, torch.ones(N_LANDMARKS, device=device),
-                              settings)
+    coeffs = fit_to_landmarks(decoder, decoder.layout.zeros(len(gt_px), device), gt_crop,
+                              torch.ones(N_LANDMARKS, device=device), steps, lr, landmark_weight=1.0,
+                              coefficient_weight=0.0)
     with torch.no_grad():
         lmk_crop = decoder.landmark_px(decoder.layout.split(coeffs)).double().cpu().numpy()
     return np.stack([crop_to_photo_px(p, m) for p, m in zip(lmk_crop, transform)])

@@ -86,17 +86,9 @@ def fit_coefficients(decoder: FaceDecoder, photo: torch.Tensor, face_mask: torch
     w = settings.weights
 
     if settings.landmark_steps > 0:
-        grad_mask = _group_mask(decoder, LANDMARK_STAGE_GROUPS, coeffs)
-        opt = torch.optim.Adam([coeffs], lr=settings.lr)
-        for _ in range(settings.landmark_steps):
-            c = decoder.layout.split(coeffs)
-            lmk = decoder.landmark_px(c)
-            loss = b * (settings.landmark_stage_weight * landmark_loss(lmk, lmk_px, lmk_weights)
-                        + settings.landmark_stage_coefficient * (c.id.square().sum() + c.exp.square().sum()) / b)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            coeffs.grad.mul_(grad_mask)
-            opt.step()
+        coeffs = fit_to_landmarks(decoder, coeffs, lmk_px, lmk_weights, settings.landmark_steps, settings.lr,
+                                  settings.landmark_stage_weight, settings.landmark_stage_coefficient)
+        coeffs.requires_grad_(True)
 
     # A gradient spike (a pixel on a nearly edge-on triangle: barycentric derivatives grow as 1 / area) fills
     # Adam's momentum, which can then walk a face off for tens of steps (seen on the annotated photo: a face at
@@ -115,6 +107,27 @@ def fit_coefficients(decoder: FaceDecoder, photo: torch.Tensor, face_mask: torch
         loss.sum().backward()  # faces stay independent: each face's loss depends on its own coefficients only
         opt.step()
     return best
+
+
+def fit_to_landmarks(decoder: FaceDecoder, start: torch.Tensor, lmk_px: torch.Tensor, lmk_weights: torch.Tensor,
+                     steps: int, lr: float, landmark_weight: float, coefficient_weight: float) -> torch.Tensor:
+    """The landmark stage: Adam on pose, translation, identity and expression (LANDMARK_STAGE_GROUPS) against
+    landmarks alone, no rendering. start: (B, C); lmk_px: (B, 68, 2) crop px; lmk_weights: (68,); the loss is
+    landmark_weight x landmark_loss + coefficient_weight x (|id|^2 + |exp|^2) per face. Returns (B, C), detached."""
+    coeffs = start.detach().clone().requires_grad_(True)
+    b = coeffs.shape[0]
+    grad_mask = _group_mask(decoder, LANDMARK_STAGE_GROUPS, coeffs)
+    opt = torch.optim.Adam([coeffs], lr=lr)
+    for _ in range(steps):
+        c = decoder.layout.split(coeffs)
+        lmk = decoder.landmark_px(c)
+        loss = b * (landmark_weight * landmark_loss(lmk, lmk_px, lmk_weights)
+                    + coefficient_weight * (c.id.square().sum() + c.exp.square().sum()) / b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        coeffs.grad.mul_(grad_mask)
+        opt.step()
+    return coeffs.detach()
 
 
 def face_totals(terms: dict[str, torch.Tensor], weights: LossWeights) -> torch.Tensor:
