@@ -42,7 +42,7 @@ def main() -> None:
     torch.manual_seed(0)
     out: dict = {"device": "cuda" if torch.cuda.is_available() else "cpu", "cpu_count": os.cpu_count(),
                  "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
-                 "size_px": size, "batch": batch}
+                 "size_px": size, "batch": batch, "reconstruct_batches": b["reconstruct_batches"]}
     device = torch.device(out["device"])
 
     sfm = sfm_mean_face_scene(Path(params["face_model"]["sfm_dir"]) / "sfm_shape_3448.bin", device).repeat(batch)

@@ -136,6 +136,9 @@ def test_masked_psnr_counts_only_masked_pixels():
         masked_psnr(render, photo, mask[:, :, :3])
     with pytest.raises(ValueError, match="mask"):
         masked_psnr(tensors[0], tensors[1], tensors[2][:, :, :3])
+    assert masked_psnr(tensors[0].requires_grad_(), *tensors[1:]) == pytest.approx(psnr, rel=1e-6)  # a live render
+    with pytest.raises(ValueError, match="not a mix"):
+        masked_psnr(tensors[0], photo, mask)
 
 
 # ---------------------------------------------------------------- aligned vertex error

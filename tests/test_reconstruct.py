@@ -331,3 +331,28 @@ def test_streamed_reconstruction_equals_batch_after_batch(sfm):
     with pytest.raises(OSError, match="disk full"):
         reconstruct_faces(decoder, faces, "network", settings, lmk_w, network, batch_size=2, on_batch=fail)
 
+
+
+def test_file_stems_are_safe_and_never_hidden():
+    from pipeline.reconstruct.outputs import file_stem
+
+    assert file_stem("photos/a b.jpg#0") == "photos_a_b.jpg_0"
+    assert file_stem("../shared/x.png#1") == "shared_x.png_1"  # a relative CLI path must not give '.._shared...'
+    assert file_stem("/abs/dir/y.jpg#2") == "abs_dir_y.jpg_2"
+
+
+def test_streamed_fitting_equals_fitting_batch_after_batch(sfm):
+    """With method fit the main thread runs autograd while the worker renders the previous batch: still the same
+    coefficients as fitting each batch alone."""
+    from pipeline.reconstruct.outputs import faces_to_batch
+    from pipeline.reconstruct.stream import reconstruct_faces
+
+    decoder = FaceDecoder(sfm)
+    faces = _encoded_faces(decoder, random_faces(decoder, 3, seed=8))
+    settings, lmk_w = FitSettings(landmark_steps=5, full_steps=5), landmark_weights()
+    rows = reconstruct_faces(decoder, faces, "fit", settings, lmk_w, batch_size=2)
+    for lo in (0, 2):
+        batch = faces_to_batch(faces.iloc[lo:lo + 2], torch.device("cpu"))
+        coeffs = reconstruct_batch(decoder, batch, "fit", settings, lmk_w)
+        for row, c in zip(rows[lo:lo + 2], decoder.layout.split(coeffs).id):
+            np.testing.assert_array_equal(row["coeff_id"], c.numpy())

@@ -23,6 +23,8 @@ def reconstruct_throughput(decoder: FaceDecoder, network: torch.nn.Module, faces
     device = decoder.triangles.device
     lmk_w = landmark_weights().to(device)
     n = len(faces)
+    if n == 0 or n % batch_size:
+        raise ValueError(f"faces: expected a positive multiple of batch_size={batch_size} rows, got {n}")
     batches = [faces_to_batch(faces.iloc[lo:lo + batch_size], device) for lo in range(0, n, batch_size)]
 
     def synchronize():

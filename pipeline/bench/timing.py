@@ -10,14 +10,16 @@ def interleaved_median_seconds(steps: dict[str, Callable[[], None]], repeats: in
                                warmup: int) -> dict[str, float]:
     """{name: median seconds} of `repeats` timed calls of each step after `warmup` untimed rounds (allocator,
     thread pools, lazy initialisation). Each round calls every step once, in turn, so a slow spell of the
-    machine (another tenant, clock changes) hits a path and the peer it is compared with alike.
-    CUDA callers synchronise inside each step."""
+    machine (another tenant, clock changes) hits a path and the peer it is compared with alike; every other
+    round runs them in reverse, so neither always runs after the other. CUDA callers synchronise inside each
+    step."""
     for _ in range(warmup):
         for step in steps.values():
             step()
     seconds: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
+    for round_index in range(repeats):
+        order = list(steps.items())
+        for name, step in order if round_index % 2 == 0 else order[::-1]:
             start = time.perf_counter()
             step()
             seconds[name].append(time.perf_counter() - start)

@@ -169,8 +169,8 @@ def synthetic_metrics(scores: pd.DataFrame, n_truth: int, our_seconds_per_face: 
 
 
 def annotated_metrics(scores: pd.DataFrame) -> dict:
-    """Summary of annotated_scores: mean NME (ours, dlib) over detected faces; undetected faces are counted in
-    landmark_nme_missed (the count of evaluated faces is landmark_nme_count)."""
+    """Summary of annotated_scores: mean NME (ours, dlib, and the model floor when scored) over detected faces;
+    undetected faces are counted in landmark_nme_missed (the count of evaluated faces is landmark_nme_count)."""
     found = scores[scores["detected"]]
     return {"landmark_nme": _mean(found["nme"]), "landmark_nme_dlib": _mean(found["nme_dlib"]),
             "landmark_nme_model_floor": _mean(found.get("nme_model_floor", [])),

@@ -1,7 +1,7 @@
 """Standard reconstruction metrics: landmark NME, masked PSNR, Procrustes-aligned per-vertex error.
 
-Pure numpy functions (masked_psnr also takes torch tensors, reduced on their device); spaces and units follow docs/conventions.md (pixels with centres at integers, model
-space in mm).
+Pure numpy functions (masked_psnr also takes torch tensors, reduced on their device); spaces and units follow
+docs/conventions.md (pixels with centres at integers, model space in mm).
 """
 from __future__ import annotations
 
@@ -42,14 +42,18 @@ def masked_psnr(render, photo, mask) -> np.ndarray:
     device and only the (N,) sums leave it. A face whose mask is empty gets NaN: there is nothing to measure.
     Per-pixel errors stay in the inputs' float type (no float64 copies of whole batches), sums are float64.
     """
-    if not isinstance(photo, torch.Tensor):
+    tensors = [isinstance(x, torch.Tensor) for x in (render, photo, mask)]
+    if any(tensors) and not all(tensors):
+        raise ValueError("render, photo, mask: expected all numpy arrays or all torch tensors, not a mix")
+    if not all(tensors):
         render, photo, mask = (np.asarray(x) for x in (render, photo, mask))
     check_shape("photo", photo, (None, 3, None, None))
     check_shape("render", render, photo.shape)
     check_shape("mask", mask, (photo.shape[0], 1) + tuple(photo.shape[2:]))
-    if isinstance(photo, torch.Tensor):
-        weight = mask.sum(dim=(1, 2, 3), dtype=torch.float64).cpu().numpy() * 3
-        sq_err = ((render - photo).square() * mask).sum(dim=(1, 2, 3), dtype=torch.float64).cpu().numpy()
+    if all(tensors):  # a metric, never part of a graph
+        with torch.no_grad():
+            weight = mask.sum(dim=(1, 2, 3), dtype=torch.float64).cpu().numpy() * 3
+            sq_err = ((render - photo).square() * mask).sum(dim=(1, 2, 3), dtype=torch.float64).cpu().numpy()
     else:
         weight = mask.sum(axis=(1, 2, 3), dtype=np.float64) * 3
         sq_err = (np.square(render - photo) * mask).sum(axis=(1, 2, 3), dtype=np.float64)

@@ -81,14 +81,12 @@ def fit_coefficients(decoder: FaceDecoder, photo: torch.Tensor, face_mask: torch
     size = decoder.camera.size_px
     _check_batch(photo, face_mask, lmk_px, size)
     b = photo.shape[0]
-    start = decoder.layout.zeros(b, photo.device, photo.dtype) if init is None else init.detach().clone()
-    coeffs = start.clone().requires_grad_(True)
+    coeffs = decoder.layout.zeros(b, photo.device, photo.dtype) if init is None else init.detach().clone()
     w = settings.weights
-
     if settings.landmark_steps > 0:
         coeffs = fit_to_landmarks(decoder, coeffs, lmk_px, lmk_weights, settings.landmark_steps, settings.lr,
                                   settings.landmark_stage_weight, settings.landmark_stage_coefficient)
-        coeffs.requires_grad_(True)
+    coeffs.requires_grad_(True)
 
     # A gradient spike (a pixel on a nearly edge-on triangle: barycentric derivatives grow as 1 / area) fills
     # Adam's momentum, which can then walk a face off for tens of steps (seen on the annotated photo: a face at

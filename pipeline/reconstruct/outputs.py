@@ -61,14 +61,16 @@ def faces_to_batch(faces: pd.DataFrame, device: torch.device) -> FaceBatch:
 
 
 def file_stem(face_id: str) -> str:
-    """A face id ('photos/a b.jpg#0') -> a safe file stem ('photos_a_b.jpg_0')."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", face_id).strip("_")
+    """A face id ('photos/a b.jpg#0') -> a safe file stem ('photos_a_b.jpg_0'), never hidden: the leading dots of
+    a relative id ('../x.jpg#0' -> 'x.jpg_0') go too."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", face_id).lstrip("._").rstrip("_")
 
 
 def face_rows(decoder: FaceDecoder, coeffs: torch.Tensor, batch: FaceBatch, faces: pd.DataFrame, method: str,
               lmk_weights: torch.Tensor, weights: LossWeights) -> tuple[list[dict], FaceRender]:
     """One table row per face: ids, the crop's 2x3 photo -> crop transform (6 values, row-major), coefficient
-    groups, Euler angles in degrees, landmarks (projected, in crop and ORIGINAL-photo px; dlib's in photo px), the identity+expression mesh (mm), masked PSNR and the loss terms.
+    groups, Euler angles in degrees, landmarks (projected, in crop and ORIGINAL-photo px; dlib's in photo px), the
+    identity+expression mesh (mm), masked PSNR and the loss terms.
     Returns the rows and the render (B faces) they were measured on."""
     with torch.no_grad():
         face = render_face(decoder, coeffs)

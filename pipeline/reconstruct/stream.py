@@ -30,7 +30,9 @@ def reconstruct_faces(decoder: FaceDecoder, faces: pd.DataFrame, method: str, fi
 
     Batch k's rows and on_batch(...) run in a worker thread while the caller's thread decodes and reconstructs
     batch k + 1 (its R-Net forward or fit); at most one batch waits for scoring, so memory holds two batches.
-    Results do not depend on the overlap: each batch's ops are the same as when run one after another.
+    Results do not depend on the overlap: each batch's ops are the same as when run one after another. On a GPU
+    the peak memory is one batch's fit (or forward) plus the previous batch's scoring render.
+    A scoring failure stops the run before the next batch is reconstructed when it has already happened.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
@@ -46,6 +48,8 @@ def reconstruct_faces(decoder: FaceDecoder, faces: pd.DataFrame, method: str, fi
     with ThreadPoolExecutor(1, thread_name_prefix="score") as worker:
         scored: Future | None = None
         for lo in range(0, len(faces), batch_size):
+            if scored is not None and scored.done():
+                scored.result()  # a failed batch stops the run before another fit is spent
             chunk = faces.iloc[lo:lo + batch_size]
             batch = faces_to_batch(chunk, device)
             coeffs = reconstruct_batch(decoder, batch, method, fit, lmk_weights, network, refine_steps)
