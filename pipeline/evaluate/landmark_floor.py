@@ -33,6 +33,7 @@ def model_landmark_floor(decoder: FaceDecoder, gt_px: np.ndarray, transform: np.
     if len(gt_px) == 0:
         return gt_px.copy()
     device = decoder.triangles.device
+    # detect.alignment.transform_points, inline: importing pipeline.detect would load dlib into evaluation
     gt_crop = torch.tensor(gt_px @ transform[:, :, :2].transpose(0, 2, 1) + transform[:, None, :, 2],
                            dtype=torch.float32, device=device)
     coeffs = fit_to_landmarks(decoder, decoder.layout.zeros(len(gt_px), device), gt_crop,

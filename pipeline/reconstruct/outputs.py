@@ -88,14 +88,15 @@ def face_rows(decoder: FaceDecoder, coeffs: torch.Tensor, batch: FaceBatch, face
     for i, meta in enumerate(faces.itertuples(index=False)):
         transform = np.asarray(meta.transform, np.float64).reshape(2, 3)
         pitch, yaw, roll = angles_deg[i]
+        lmk_photo, dlib_photo = np.split(crop_to_photo_px(np.concatenate([lmk_crop[i], lmk_dlib[i]]), transform), 2)
         row = {"id": meta.id, "source": meta.source, "face_index": int(meta.face_index), "method": method,
                "files_stem": file_stem(meta.id), "transform": transform.reshape(-1)}
         row.update({name: group[i] for name, group in coeff_groups.items()})
         row.update(
             pitch_deg=float(pitch), yaw_deg=float(yaw), roll_deg=float(roll),
             lmk_crop_px=lmk_crop[i].astype(np.float32).reshape(-1),
-            lmk_px=crop_to_photo_px(lmk_crop[i], transform).astype(np.float32).reshape(-1),
-            dlib_lmk_px=crop_to_photo_px(lmk_dlib[i], transform).astype(np.float32).reshape(-1),
+            lmk_px=lmk_photo.astype(np.float32).reshape(-1),
+            dlib_lmk_px=dlib_photo.astype(np.float32).reshape(-1),
             verts_model=verts_model[i],
             masked_psnr=float(psnr[i]))
         row.update({name: float(values[i]) for name, values in loss_terms.items()})
