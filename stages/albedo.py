@@ -13,6 +13,7 @@ import yaml
 from tqdm import tqdm
 
 from pipeline.face_model import FaceDecoder, load_face_model, save_face_model
+from pipeline.host_memory import keep_freed_memory
 from pipeline.losses import landmark_weights
 from pipeline.reconstruct.albedo import build_albedo_model, reflectance_samples
 from pipeline.reconstruct.fit import FitSettings, fit_coefficients
@@ -28,6 +29,7 @@ def main() -> None:
     ap.add_argument("--out", default="models/face_model_albedo.npz")
     ap.add_argument("--report", default="reports/albedo.json")
     args = ap.parse_args()
+    keep_freed_memory()
     p = yaml.safe_load(Path(args.params).read_text())["albedo"]
     torch.manual_seed(0)
 

@@ -24,6 +24,7 @@ from pipeline.bench.render import (deodr_throughput, render_throughput, sfm_mean
 from pipeline.bench.train import train_images_per_second
 from pipeline.detect import CropSettings, LandmarkSettings, list_photos
 from pipeline.face_model import FaceDecoder, load_face_model
+from pipeline.host_memory import keep_freed_memory
 from pipeline.nets import build_rnet
 from pipeline.reconstruct.fit import FitSettings
 from pipeline.segment import MaskSettings
@@ -36,6 +37,7 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default="reports/bench.json")
     args = ap.parse_args()
+    keep_freed_memory()
     params = yaml.safe_load(Path(args.params).read_text())
     b = params["bench"]
     size, batch, repeats = b["size_px"], b["batch"], b["repeats"]

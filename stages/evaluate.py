@@ -32,6 +32,7 @@ from pipeline.evaluate.benchmark import (N_LANDMARKS, add_peer_scores, annotated
 from pipeline.evaluate.eos_baseline import SFM_VERTS, EosFitter
 from pipeline.evaluate.landmark_floor import model_landmark_floor
 from pipeline.face_model import FaceDecoder, load_face_model
+from pipeline.host_memory import keep_freed_memory
 
 
 def seconds_per_face(summary_path: Path) -> float | None:
@@ -58,6 +59,7 @@ def main(argv=None) -> None:
     ap.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"))
     ap.add_argument("--faces", type=Path, default=Path("reports/evaluate_faces.csv"))
     args = ap.parse_args(argv)
+    keep_freed_memory()
     params = yaml.safe_load(args.params.read_text())
     p = params["evaluate"]
     model = load_face_model(params["synth"]["face_model"])

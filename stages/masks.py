@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.host_memory import keep_freed_memory
 from pipeline.segment import MaskSettings, run_masks
 
 CROPS = Path("data/interim/crops.parquet")
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
+    keep_freed_memory()
     params = yaml.safe_load(Path(args.params).read_text())
     settings = MaskSettings(**params["masks"])
     report = run_masks(CROPS, LANDMARKS, settings, params["workers"], parsing_device(settings), MASKS, REJECTS)

@@ -23,6 +23,7 @@ import yaml
 from tqdm import tqdm
 
 from pipeline.face_model import FaceDecoder, load_face_model
+from pipeline.host_memory import keep_freed_memory
 from pipeline.losses import landmark_weights
 from pipeline.reconstruct.fit import FitSettings
 from pipeline.reconstruct.outputs import FaceOutputs, write_face_files
@@ -81,6 +82,7 @@ def gather_faces(args, params: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    keep_freed_memory()
     params = load_params(args.params)
     p = params["reconstruct"]
     rank, world = distributed_rank()

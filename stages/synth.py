@@ -28,6 +28,7 @@ import yaml
 from pipeline.evaluate.synth import (SynthSettings, background_patch, painted_albedo, read_five_points,
                                      render_synthetic, sample_canvas_transform, sample_coefficients)
 from pipeline.face_model import FaceDecoder, load_face_model
+from pipeline.host_memory import keep_freed_memory
 
 BATCH = 8  # faces rendered together: bounds memory, keeps the CPU renderer's batches efficient
 
@@ -50,6 +51,7 @@ def main(argv=None) -> None:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--out", type=Path, default=Path("data/synth"))
     args = ap.parse_args(argv)
+    keep_freed_memory()
     p = yaml.safe_load(args.params.read_text())["synth"]
     settings = SynthSettings(**p["sampling"])
     model = load_face_model(p["face_model"])

@@ -24,6 +24,7 @@ import yaml
 from dvclive import Live
 
 from pipeline.face_model import CoeffLayout, load_face_model
+from pipeline.host_memory import keep_freed_memory
 from pipeline.losses.hybrid import LossWeights
 from pipeline.nets import build_rnet
 from pipeline.shards import ShardDataset
@@ -47,6 +48,7 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args()
+    keep_freed_memory()
     p = yaml.safe_load(args.params.read_text())["train"]
     cfg = train_config(p)
     world = init_distributed(p["device"])

@@ -311,6 +311,10 @@ def test_batch_items_render_independently():
         assert torch.equal(out.tri_id[b], single.tri_id[0])
         torch.testing.assert_close(out.image[b], single.image[0])
     assert not torch.equal(out.tri_id[0], out.tri_id[1]) and not torch.equal(out.tri_id[0], out.tri_id[2])
+    # the image is channels_last in memory (like decoded photos) and equals interpolate's (B, H, W, C) colours
+    assert out.image.is_contiguous(memory_format=torch.channels_last)
+    frags = rasterize(batch, tris, 12, 12)
+    torch.testing.assert_close(out.image, interpolate(colors, frags, tris).permute(0, 3, 1, 2))
 
 
 def test_bad_inputs_raise_clear_errors():

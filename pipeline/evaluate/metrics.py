@@ -53,7 +53,7 @@ def masked_psnr(render, photo, mask) -> np.ndarray:
     if all(tensors):  # a metric, never part of a graph
         with torch.no_grad():
             weight = mask.sum(dim=(1, 2, 3), dtype=torch.float64).cpu().numpy() * 3
-            sq_err = ((render - photo).square() * mask).sum(dim=(1, 2, 3), dtype=torch.float64).cpu().numpy()
+            sq_err = (render - photo).square_().mul_(mask).sum(dim=(1, 2, 3), dtype=torch.float64).cpu().numpy()
     else:
         weight = mask.sum(axis=(1, 2, 3), dtype=np.float64) * 3
         sq_err = (np.square(render - photo) * mask).sum(axis=(1, 2, 3), dtype=np.float64)
