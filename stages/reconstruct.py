@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -120,9 +121,12 @@ def main(argv=None) -> None:
 
     start = time.perf_counter()
     with tqdm(total=len(faces), desc=f"reconstruct[{method}]", disable=rank != 0) as bar:
-        def write_files(chunk, chunk_rows, render, batch) -> None:
+        progress = threading.Lock()
+
+        def write_files(chunk, chunk_rows, render, batch) -> None:  # runs on scoring threads, a slice each
             write_face_files(out / "faces", chunk, chunk_rows, render, batch.photo, decoder, files)
-            bar.update(len(chunk))
+            with progress:
+                bar.update(len(chunk))
 
         rows = reconstruct_faces(decoder, faces, method, fit, lmk_w, network, p["refine_steps"], p["batch_size"],
                                  write_files)

@@ -141,6 +141,18 @@ def test_masked_psnr_counts_only_masked_pixels():
         masked_psnr(tensors[0], photo, mask)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_masked_psnr_float32_sums_match_float64_on_full_size_renders(channels_last):
+    rng = np.random.default_rng(0)
+    render, photo = (rng.random((4, 3, 224, 224)).astype(np.float32) for _ in range(2))
+    mask = (rng.random((4, 1, 224, 224)) < 0.6).astype(np.float32) * rng.random((4, 1, 224, 224)).astype(np.float32)
+    exact = masked_psnr(*(x.astype(np.float64) for x in (render, photo, mask)))
+    tensors = [torch.from_numpy(x) for x in (render, photo, mask)]
+    if channels_last:  # the layout of renders and decoded photos
+        tensors = [x.contiguous(memory_format=torch.channels_last) for x in tensors]
+    assert masked_psnr(*tensors) == pytest.approx(exact, rel=1e-6)
+
+
 # ---------------------------------------------------------------- aligned vertex error
 
 def test_vertex_error_is_zero_for_a_rigid_copy_and_similarity_removes_scale(sfm):

@@ -40,7 +40,8 @@ def masked_psnr(render, photo, mask) -> np.ndarray:
     render, photo: (N, 3, H, W) in [0, 1]; mask: (N, 1, H, W) weights in [0, 1] (a pixel's squared error counts
     with its weight, in all three channels). All numpy arrays, or all torch tensors: tensors are reduced on their
     device and only the (N,) sums leave it. A face whose mask is empty gets NaN: there is nothing to measure.
-    Per-pixel errors stay in the inputs' float type (no float64 copies of whole batches), sums are float64.
+    Per-pixel errors stay in the inputs' float type (no float64 copies of whole batches); numpy sums in float64,
+    torch in the inputs' type with cascade summation (within 1e-6 of float64 on 224 x 224 renders, tested).
     """
     tensors = [isinstance(x, torch.Tensor) for x in (render, photo, mask)]
     if any(tensors) and not all(tensors):
@@ -52,8 +53,10 @@ def masked_psnr(render, photo, mask) -> np.ndarray:
     check_shape("mask", mask, (photo.shape[0], 1) + tuple(photo.shape[2:]))
     if all(tensors):  # a metric, never part of a graph
         with torch.no_grad():
-            weight = mask.sum(dim=(1, 2, 3), dtype=torch.float64).cpu().numpy() * 3
-            sq_err = (render - photo).square_().mul_(mask).sum(dim=(1, 2, 3), dtype=torch.float64).cpu().numpy()
+            # One float32 reduction per face over its contiguous block (cascade summation, relative error
+            # ~1e-7 log2 n); sum(dtype=float64) would first copy the whole batch to float64 (2x the PSNR's time).
+            weight = mask.sum(dim=(1, 2, 3)).double().cpu().numpy() * 3
+            sq_err = (render - photo).square_().mul_(mask).sum(dim=(1, 2, 3)).double().cpu().numpy()
     else:
         weight = mask.sum(axis=(1, 2, 3), dtype=np.float64) * 3
         sq_err = (np.square(render - photo) * mask).sum(axis=(1, 2, 3), dtype=np.float64)

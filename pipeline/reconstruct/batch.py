@@ -20,6 +20,10 @@ class FaceBatch:
     face_mask: torch.Tensor  # (B, 1, S, S) in [0, 1]
     lmk_px: torch.Tensor     # (B, 68, 2) detected landmarks, crop px
 
+    def __getitem__(self, faces: slice) -> "FaceBatch":
+        """The faces of a slice (views, no copies)."""
+        return FaceBatch(self.photo[faces], self.face_mask[faces], self.lmk_px[faces])
+
 
 def reconstruct_batch(decoder: FaceDecoder, batch: FaceBatch, method: str, fit: FitSettings, lmk_weights: torch.Tensor,
                       network: Callable[[torch.Tensor], torch.Tensor] | None = None,

@@ -1,8 +1,15 @@
-"""A faces table -> reconstruction rows, batch by batch, with scoring overlapped with the next batch's coefficients.
+"""A faces table -> reconstruction rows, batch by batch: read ahead, reconstruct, score.
 
-The scoring render (face_rows) and file writing are mostly single-threaded (many small gathers and scatters,
-PNG/OBJ encoding), while the R-Net forward pass or the fit uses every core. Running batch k's scoring in one
-worker thread while batch k+1 is reconstructed fills the core that scoring leaves idle.
+Three kinds of work per batch: decoding its images (a reader thread, one batch ahead), its coefficients (the R-Net
+forward pass or the fit, in the caller's thread, on every core) and its scoring (face_rows: the render, loss terms
+and PSNR; then on_batch, e.g. file writing), which is many small ops that a second intra-op thread hardly speeds
+up (4.5 ms per face on 2 threads, 4.7 on 1).
+- On CPU, scoring follows the coefficients: the batch is cut into one slice per core, each scored by a worker
+  with one intra-op thread, so every core does useful work in both phases. Overlapping scoring with the next
+  forward pass instead made the forward's OpenMP threads spin at their barriers while a scorer held a core: the
+  same CPU time as one phase after the other.
+- On a GPU, batch k is scored (one slice) while batch k + 1's coefficients are computed, so host and device work
+  overlap.
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ from .batch import FaceBatch, reconstruct_batch
 from .fit import FitSettings
 from .outputs import face_rows, faces_to_batch
 
-# (faces of the batch, their rows, their render, the batch): writes per-face files, reports progress
+# (faces of a slice, their rows, their render, their FaceBatch): writes per-face files, reports progress
 BatchDone = Callable[[pd.DataFrame, list[dict], FaceRender, FaceBatch], None]
 
 
@@ -28,34 +35,54 @@ def reconstruct_faces(decoder: FaceDecoder, faces: pd.DataFrame, method: str, fi
     """Reconstruct every face of `faces` (rows with crop/mask/landmarks as in the shards) in batches of
     batch_size by `method` (reconstruct_batch). Returns one row per face (face_rows), in table order.
 
-    Batch k's rows and on_batch(...) run in a worker thread while the caller's thread decodes and reconstructs
-    batch k + 1 (its R-Net forward or fit); at most one batch waits for scoring, so memory holds two batches.
-    Results do not depend on the overlap: each batch's ops are the same as when run one after another. On a GPU
-    the peak memory is one batch's fit (or forward) plus the previous batch's scoring render.
-    A scoring failure stops the run before the next batch is reconstructed when it has already happened.
+    Scheduling as in the module docstring. on_batch(...) is called once per scored slice, from a worker thread,
+    possibly for two slices at once, so it must be thread-safe. Each face's row is the same as face_rows over
+    its whole batch. A scoring failure reaches the caller, and stops the run before the next batch is reconstructed
+    when it has already happened.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     device = decoder.triangles.device
-    rows: list[dict] = []
+    overlap = device.type != "cpu"
+    n_scorers = 1 if overlap else torch.get_num_threads()
+    chunks = [faces.iloc[lo:lo + batch_size] for lo in range(0, len(faces), batch_size)]
 
-    def score(chunk: pd.DataFrame, coeffs: torch.Tensor, batch: FaceBatch) -> None:
+    def score(chunk: pd.DataFrame, coeffs: torch.Tensor, batch: FaceBatch) -> list[dict]:
         chunk_rows, render = face_rows(decoder, coeffs, batch, chunk, method, lmk_weights, fit.weights)
         if on_batch is not None:
             on_batch(chunk, chunk_rows, render, batch)
-        rows.extend(chunk_rows)
+        return chunk_rows
 
-    with ThreadPoolExecutor(1, thread_name_prefix="score") as worker:
-        scored: Future | None = None
-        for lo in range(0, len(faces), batch_size):
-            if scored is not None and scored.done():
-                scored.result()  # a failed batch stops the run before another fit is spent
-            chunk = faces.iloc[lo:lo + batch_size]
-            batch = faces_to_batch(chunk, device)
-            coeffs = reconstruct_batch(decoder, batch, method, fit, lmk_weights, network, refine_steps)
-            if scored is not None:
-                scored.result()  # re-raises the worker's error here; keeps rows in table order
-            scored = worker.submit(score, chunk, coeffs, batch)
-        if scored is not None:
-            scored.result()
+    rows: list[dict] = []
+    main_threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
+                ThreadPoolExecutor(n_scorers, thread_name_prefix="score",
+                                   initializer=None if overlap else torch.set_num_threads, initargs=(1,)) as scorers:
+            decoded = reader.submit(faces_to_batch, chunks[0], device) if chunks else None
+            scoring: list[Future] = []
+            for k, chunk in enumerate(chunks):
+                for future in scoring:
+                    if future.done():
+                        future.result()  # a failed slice stops the run before another fit is spent
+                batch = decoded.result()
+                if overlap and k + 1 < len(chunks):
+                    decoded = reader.submit(faces_to_batch, chunks[k + 1], device)
+                coeffs = reconstruct_batch(decoder, batch, method, fit, lmk_weights, network, refine_steps)
+                if not overlap and k + 1 < len(chunks):  # on CPU the next batch decodes beside the scorers
+                    decoded = reader.submit(faces_to_batch, chunks[k + 1], device)
+                for future in scoring:
+                    rows.extend(future.result())  # re-raises a worker's error here; keeps rows in table order
+                bounds = [len(chunk) * i // n_scorers for i in range(n_scorers + 1)]
+                scoring = [scorers.submit(score, chunk.iloc[lo:hi], coeffs[lo:hi], batch[lo:hi])
+                           for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+                if not overlap:
+                    for future in scoring:
+                        rows.extend(future.result())
+                    scoring = []
+            for future in scoring:
+                rows.extend(future.result())
+    finally:
+        # torch.set_num_threads(1) in a scorer also sets the count that threads started later begin with
+        torch.set_num_threads(main_threads)
     return rows

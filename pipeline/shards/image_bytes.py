@@ -27,10 +27,12 @@ def encode_png(grey: np.ndarray) -> bytes:
 
 def decode_rgb(data: bytes) -> np.ndarray:
     """Encoded image bytes (JPEG/PNG) -> (H, W, 3) uint8 RGB. Raises ValueError if undecodable."""
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
+    # decoded straight to RGB: no cvtColor, whose thread pool keeps spinning after each call and slowed a
+    # concurrent R-Net forward pass by ~7 %
+    rgb = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+    if rgb is None:
         raise ValueError("undecodable image bytes")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return rgb
 
 
 def decode_grey(data: bytes) -> np.ndarray:
