@@ -2,12 +2,12 @@
 
 Three kinds of work per batch: decoding its images (a reader thread, one batch ahead), its coefficients (the R-Net
 forward pass or the fit, in the caller's thread, on every core) and its scoring (face_rows: the render, loss terms
-and PSNR; then on_batch, e.g. file writing), which is many small ops that a second intra-op thread hardly speeds
-up (4.5 ms per face on 2 threads, 4.7 on 1).
+and PSNR; then on_batch, e.g. file writing), which is many small ops that intra-op threads split poorly (measured
+on 2 cores, batch of 32: 3.4 ms per face on 1 thread, 2.6 on 2, 2.1 as two single-threaded slices of 16).
 - On CPU, scoring follows the coefficients: the batch is cut into one slice per core, each scored by a worker
-  with one intra-op thread, so every core does useful work in both phases. Overlapping scoring with the next
-  forward pass instead made the forward's OpenMP threads spin at their barriers while a scorer held a core: the
-  same CPU time as one phase after the other.
+  with one intra-op thread, and the next batch decodes beside them, so the forward pass has every core to itself.
+  Overlapping scoring with the next forward pass instead made the forward's OpenMP threads spin at their barriers
+  while a scorer held a core: it took as much CPU time as running the two one after the other.
 - On a GPU, batch k is scored (one slice) while batch k + 1's coefficients are computed, so host and device work
   overlap.
 """
@@ -29,6 +29,11 @@ from .outputs import face_rows, faces_to_batch
 BatchDone = Callable[[pd.DataFrame, list[dict], FaceRender, FaceBatch], None]
 
 
+def overlaps_scoring(device: torch.device) -> bool:
+    """Whether batch k is scored while batch k + 1 is reconstructed (a GPU), or after it, on every core (CPU)."""
+    return device.type != "cpu"
+
+
 def reconstruct_faces(decoder: FaceDecoder, faces: pd.DataFrame, method: str, fit: FitSettings,
                       lmk_weights: torch.Tensor, network: Callable[[torch.Tensor], torch.Tensor] | None = None,
                       refine_steps: int = 0, batch_size: int = 32, on_batch: BatchDone | None = None) -> list[dict]:
@@ -43,7 +48,7 @@ def reconstruct_faces(decoder: FaceDecoder, faces: pd.DataFrame, method: str, fi
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     device = decoder.triangles.device
-    overlap = device.type != "cpu"
+    overlap = overlaps_scoring(device)
     n_scorers = 1 if overlap else torch.get_num_threads()
     chunks = [faces.iloc[lo:lo + batch_size] for lo in range(0, len(faces), batch_size)]
 
