@@ -92,7 +92,7 @@ def euler_to_rotation(angles: torch.Tensor) -> torch.Tensor:
 
 def vertex_normals(verts: torch.Tensor, tris: torch.Tensor) -> torch.Tensor:
     """verts: (B, V, 3), tris: (F, 3) int64 -> unit normals (B, V, 3): area-weighted mean of face normals."""
-    v0, v1, v2 = (verts[:, tris[:, i]] for i in range(3))
+    v0, v1, v2 = (verts.index_select(1, tris[:, i]) for i in range(3))
     face_n = torch.cross(v1 - v0, v2 - v0, dim=-1)  # length = 2 x area, so the sum is area-weighted
     normals = torch.zeros_like(verts).index_add_(1, tris.reshape(-1), face_n.repeat_interleave(3, dim=1))
     return nn.functional.normalize(normals, dim=-1, eps=1e-12)
