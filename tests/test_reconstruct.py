@@ -297,8 +297,9 @@ def _encoded_faces(decoder: FaceDecoder, coeffs: torch.Tensor):
 @pytest.mark.parametrize("overlap", [False, True], ids=["cpu_schedule", "gpu_schedule"])
 def test_streamed_reconstruction_equals_batch_after_batch(sfm, overlap, monkeypatch):
     """reconstruct_faces scores each batch on worker threads, in one slice per core after its forward (CPU) or whole
-    while the next batch is reconstructed (GPU): same rows as face_rows over the whole batch, in table order; each face handed to on_batch once, in a slice of one batch; a failure while scoring
-    reaches the caller; threads started afterwards still get the caller's intra-op thread count."""
+    while the next batch is reconstructed (GPU): same rows as face_rows over the whole batch, in table order; each
+    face handed to on_batch once, in a slice of one batch; a failure while scoring reaches the caller; threads
+    started afterwards still get the caller's intra-op thread count."""
     from pipeline.reconstruct.batch import reconstruct_batch
     from pipeline.reconstruct.outputs import face_rows, faces_to_batch
     from pipeline.reconstruct import stream

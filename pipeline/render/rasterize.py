@@ -503,7 +503,8 @@ def render(verts_px: torch.Tensor, tris: torch.Tensor, colors: torch.Tensor, hei
 
     verts_px: (B, V, 3) x_px, y_px, positive depth; tris: (F, 3) integer; colors: (B, V, C) float (C = 3 for RGB).
     Returns Rendered: image (B, C, H, W) channels_last in memory, mask (B, 1, H, W) float, depth (B, 1, H, W),
-    tri_id (B, 1, H, W) int64; background 0 (tri_id -1). image is differentiable w.r.t. colors and verts_px, depth w.r.t. verts_px.
+    tri_id (B, 1, H, W) int64; background 0 (tri_id -1). image is differentiable w.r.t. colors and verts_px,
+    depth w.r.t. verts_px.
     """
     tris = _check_mesh(verts_px, tris, height, width)
     batch = verts_px.shape[0]
