@@ -11,6 +11,8 @@ import torch
 
 from pipeline.render import interpolate, rasterize, render
 
+raster_module = sys.modules["pipeline.render.rasterize"]
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SFM_MODEL = SHARED / "face_models" / "sfm" / "sfm_shape_3448.bin"
 
@@ -93,8 +95,17 @@ def hit_counts(verts: torch.Tensor, tris: torch.Tensor, height: int, width: int)
     return torch.stack(masks).sum(0)
 
 
+@pytest.fixture(params=["compiled", "batched"])
+def visibility_pass(request, monkeypatch):
+    """Run a test with each z-buffer pass on the CPU: the compiled one CPUs use and the batched torch one GPUs
+    use (identical by design)."""
+    monkeypatch.setattr(raster_module, "COMPILED_ON_CPU", request.param == "compiled")
+    return request.param
+
+
 # ---- coverage and the fill rule ----
 
+@pytest.mark.usefixtures("visibility_pass")
 def test_right_triangles_cover_the_hand_enumerated_pixels():
     # Square [0, 4]^2 split along its anti-diagonal; pixel centres lie on all five edges.
     verts = torch.tensor([[0.0, 0, 1], [4, 0, 1], [0, 4, 1], [4, 4, 1]])
@@ -113,6 +124,7 @@ def test_right_triangles_cover_the_hand_enumerated_pixels():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.usefixtures("visibility_pass")
 def test_random_triangles_match_the_reference_rasterizer(seed):
     height, width = 9, 11
     verts, tris = quarter_grid_scene(seed, 14, height, width)
@@ -125,6 +137,7 @@ def test_random_triangles_match_the_reference_rasterizer(seed):
 
 
 @pytest.mark.parametrize("jitter_seed, flip_seed", [(None, None), (3, None), (4, 5)])
+@pytest.mark.usefixtures("visibility_pass")
 def test_shared_edges_are_drawn_exactly_once(jitter_seed, flip_seed):
     height, width = 10, 10
     verts, tris = grid_mesh(4, 4, 3.5, jitter_seed, flip_seed)
@@ -140,6 +153,7 @@ def test_shared_edges_are_drawn_exactly_once(jitter_seed, flip_seed):
 
 @pytest.mark.parametrize("spokes", [8, 7])
 @pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.usefixtures("visibility_pass")
 def test_fan_around_a_vertex_on_a_pixel_centre_draws_it_once(spokes, reverse):
     angle = torch.arange(spokes) * (2 * torch.pi / spokes) + 0.3 * (spokes % 2)
     ring = torch.stack([6 + 4.5 * angle.cos(), 6 + 4.5 * angle.sin()], 1)
@@ -158,6 +172,7 @@ def test_fan_around_a_vertex_on_a_pixel_centre_draws_it_once(spokes, reverse):
 
 # ---- depth order and perspective-correct interpolation ----
 
+@pytest.mark.usefixtures("visibility_pass")
 def test_nearer_triangle_wins_with_exact_depth_in_either_order():
     verts = torch.tensor([[1.2, 1.3, 5.0], [14.7, 2.1, 5.0], [3.3, 13.6, 5.0],     # far, big
                           [4.1, 4.4, 2.0], [12.6, 5.2, 2.0], [6.3, 11.8, 2.0]])   # near, inside the far one
@@ -244,33 +259,36 @@ def test_rasterize_interpolate_gradients_match_finite_differences():
 
 # ---- edge cases ----
 
-def test_one_triangle_covering_the_whole_image_in_any_chunking():
+def test_one_triangle_covering_the_whole_image_in_any_chunking(monkeypatch):
     verts = torch.tensor([[[-900.0, -700.0, 2.0], [2500.0, -650.0, 4.0], [-850.0, 3100.0, 3.0]]])
     tris = torch.tensor([[0, 2, 1]])
     frags = rasterize(verts, tris, 40, 56)
     assert (frags.tri_id == 0).all()
     torch.testing.assert_close(frags.bary.sum(-1), torch.ones(1, 40, 56))
-    small_chunks = rasterize(verts, tris, 40, 56, candidates_per_chunk=100)
+    monkeypatch.setattr(raster_module, "COMPILED_ON_CPU", False)
+    monkeypatch.setattr(raster_module, "CANDIDATES_PER_CHUNK", 100)
+    small_chunks = rasterize(verts, tris, 40, 56)
     assert torch.equal(small_chunks.tri_id, frags.tri_id) and torch.equal(small_chunks.depth, frags.depth)
     ref_id, ref_depth, ref_bary = reference_raster(verts[0], tris, 5, 7)
     np.testing.assert_allclose(frags.depth[0, :5, :7].numpy(), ref_depth, rtol=1e-5)
     np.testing.assert_allclose(frags.bary[0, :5, :7].numpy(), ref_bary, atol=1e-5)
 
 
-def test_chunk_and_block_sizes_do_not_change_a_mixed_scene(monkeypatch):
+def test_batched_pass_in_any_chunking_matches_the_compiled_pass_on_a_mixed_scene(monkeypatch):
     verts, tris = quarter_grid_scene(7, 40, 24, 30)
     # A far background triangle with far-off corners: its edge equations need int64, the others int32.
     verts = torch.cat([verts, torch.tensor([[-3e4, -2e4, 99.0], [4e4, -1e4, 99.0], [0.5, 5e4, 99.0]])])
     tris = torch.cat([tris, torch.tensor([[len(verts) - 3, len(verts) - 2, len(verts) - 1]])])
-    full = rasterize(verts[None].repeat(2, 1, 1), tris, 24, 30)
-    assert (full.tri_id == 40).sum() > 0 and (full.tri_id == -1).sum() == 0
-    raster_module = sys.modules["pipeline.render.rasterize"]
-    for chunk, block in ((1, 3), (37, 5), (1000, 1 << 16)):
-        monkeypatch.setattr(raster_module, "CPU_TRIANGLES_PER_BLOCK", block)
-        chunked = rasterize(verts[None].repeat(2, 1, 1), tris, 24, 30, candidates_per_chunk=chunk)
-        assert torch.equal(chunked.tri_id, full.tri_id) and torch.equal(chunked.depth, full.depth)
+    compiled = rasterize(verts[None].repeat(2, 1, 1), tris, 24, 30)
+    assert (compiled.tri_id == 40).sum() > 0 and (compiled.tri_id == -1).sum() == 0
+    monkeypatch.setattr(raster_module, "COMPILED_ON_CPU", False)
+    for chunk in (1, 37, 1000, 1 << 21):
+        monkeypatch.setattr(raster_module, "CANDIDATES_PER_CHUNK", chunk)
+        chunked = rasterize(verts[None].repeat(2, 1, 1), tris, 24, 30)
+        assert torch.equal(chunked.tri_id, compiled.tri_id) and torch.equal(chunked.depth, compiled.depth)
 
 
+@pytest.mark.usefixtures("visibility_pass")
 def test_offscreen_behind_camera_degenerate_and_nan_triangles_are_skipped():
     good = [[2.0, 2.0, 3.0], [9.0, 2.5, 3.0], [3.0, 9.0, 3.0]]
     cases = {
@@ -292,6 +310,7 @@ def test_offscreen_behind_camera_degenerate_and_nan_triangles_are_skipped():
         assert torch.isfinite(verts.grad).all(), name
 
 
+@pytest.mark.usefixtures("visibility_pass")
 def test_partly_offscreen_and_behind_camera_mesh_matches_reference():
     verts = torch.tensor([[-6.0, 3.0, 2.0], [7.5, -4.0, 2.5], [16.25, 9.0, 3.0], [2.0, 14.0, 1.5], [5.0, 6.0, -1.0]])
     tris = torch.tensor([[0, 1, 3], [1, 2, 3], [0, 1, 4]])
@@ -301,6 +320,7 @@ def test_partly_offscreen_and_behind_camera_mesh_matches_reference():
     np.testing.assert_allclose(frags.depth[0].numpy(), ref_depth, rtol=1e-5)
 
 
+@pytest.mark.usefixtures("visibility_pass")
 def test_batch_items_render_independently():
     verts, tris = quarter_grid_scene(11, 10, 12, 12)
     batch = torch.stack([verts, verts + torch.tensor([2.5, -1.25, 0.0]), verts.flip(0)])
@@ -363,6 +383,7 @@ def reference_window(verts: torch.Tensor, tris: torch.Tensor, top: int, left: in
     return np.where(tri_id >= 0, near.numpy()[tri_id], -1)
 
 
+@pytest.mark.usefixtures("visibility_pass")
 def test_real_face_mesh_matches_reference_and_has_no_cracks(sfm_face_px):
     cv2 = pytest.importorskip("cv2")
     verts, tris = sfm_face_px
@@ -401,6 +422,40 @@ def test_real_face_mirrored_in_batch_renders_the_mirror_image(sfm_face_px):
     assert torch.equal(out.mask[1, 0], out.mask[0, 0].flip(-1))
     torch.testing.assert_close(out.depth[1, 0], out.depth[0, 0].flip(-1))
     assert torch.equal(out.tri_id[0], render(verts, tris, torch.ones_like(verts), 224, 224).tri_id[0])
+
+
+def posed_faces(verts_px: torch.Tensor, yaws_deg: list[float], seed: int) -> torch.Tensor:
+    """The conventions' 224 px camera's face (1, V, 3) turned by each yaw about its centre, shifted by random
+    sub-pixel amounts -> (len(yaws_deg), V, 3): self-occlusion, and corners off the 1/256 px lattice."""
+    x_cam = (verts_px[0, :, 0] - 111.5) * verts_px[0, :, 2] / 1015.0
+    y_cam = (verts_px[0, :, 1] - 111.5) * verts_px[0, :, 2] / 1015.0
+    z_cam = verts_px[0, :, 2] - 10.0
+    shifts = torch.rand(len(yaws_deg), 2, generator=torch.Generator().manual_seed(seed)) * 6 - 3
+    posed = []
+    for yaw, shift in zip(torch.tensor(yaws_deg).deg2rad(), shifts):
+        x_turned, depth = x_cam * yaw.cos() + z_cam * yaw.sin(), 10.0 - x_cam * yaw.sin() + z_cam * yaw.cos()
+        posed.append(torch.stack([111.5 + 1015.0 * x_turned / depth + shift[0],
+                                  111.5 + 1015.0 * y_cam / depth + shift[1], depth], 1))
+    return torch.stack(posed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_and_batched_passes_pick_the_same_triangles_on_posed_faces(sfm_face_px, dtype, monkeypatch):
+    verts, tris = sfm_face_px
+    batch = posed_faces(verts, [-60.0, -25.0, 0.0, 10.0, 45.0, 80.0], seed=4).to(dtype)
+    batch[5, :, :2] = batch[5, :, :2] * 3 - 250  # a close-up, mostly off-screen
+    compiled = rasterize(batch, tris, 224, 224)
+    assert ((compiled.tri_id >= 0).sum((1, 2)) > 5000).all()
+    threads = torch.get_num_threads()
+    try:  # batch items are split over threads: one thread gives the same result
+        torch.set_num_threads(1)
+        assert torch.equal(rasterize(batch, tris, 224, 224).tri_id, compiled.tri_id)
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(raster_module, "COMPILED_ON_CPU", False)
+    batched = rasterize(batch, tris, 224, 224)
+    assert torch.equal(batched.tri_id, compiled.tri_id)
+    assert torch.equal(batched.depth, compiled.depth) and torch.equal(batched.bary, compiled.bary)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -2,12 +2,13 @@
 
 Two passes:
 1. Visibility (no gradient): vertices are snapped to a fixed-point grid of 1/256 px and every triangle's
-   edge functions are evaluated in exact integer arithmetic on the pixel centres of its bounding box.
-   Triangles are binned by bounding-box size class (1, 2, 3, 4, 6, 8, ... px per axis), so each class is
-   one broadcast over (triangles, rows, cols), set up in cache-sized blocks on CPU; the nearest triangle per
-   pixel is found with `scatter_reduce('amin')` on an int64 key that packs (depth, triangle id). Exact
-   integers make the top-left fill rule hold exactly: a pixel centre on an edge shared by two triangles is
-   drawn by exactly one of them, whatever the winding.
+   edge functions are evaluated in exact integer arithmetic on the pixel centres of its bounding box; the
+   nearest triangle per pixel has the smallest int64 key packing (depth, triangle id). Exact integers make
+   the top-left fill rule hold exactly: a pixel centre on an edge shared by two triangles is drawn by exactly
+   one of them, whatever the winding. Two implementations with identical results (tested): on a GPU, the
+   batched pass here bins triangles by bounding-box size class (1, 2, 3, 4, 6, 8, ... px per axis), so each
+   class is one broadcast over (triangles, rows, cols) folded in with `scatter_reduce('amin')`; on a CPU,
+   zbuffer_cpu.py walks each triangle's box in compiled code (3-5x faster there, and without the GIL).
 2. Attributes (differentiable): for the covered pixels only, perspective-correct barycentrics and depth
    are recomputed from the float vertex positions, so gradients reach `verts_px` (and, through
    `interpolate`, the per-vertex attributes). Coverage itself is piecewise constant, so like nvdiffrast
@@ -15,14 +16,17 @@ Two passes:
 
 Pixel (row i, column j) has its centre at x = j, y = i (docs/conventions.md). Triangles are two-sided;
 triangles with a vertex at depth <= 0, a non-finite coordinate or zero area are skipped, so one bad mesh
-in a batch renders empty instead of failing the batch. Python loops run over size classes, chunks and
-the three corners only, never over triangles, pixels or batch items; the code runs on the inputs' device.
+in a batch renders empty instead of failing the batch. In the torch code here, Python loops run over size
+classes, chunks and the three corners only, never over triangles, pixels or batch items; it runs on the
+inputs' device.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
+
+from .zbuffer_cpu import visible_pixels_cpu
 
 SUBPIXEL_BITS = 8
 SUBPIXEL = 1 << SUBPIXEL_BITS
@@ -32,13 +36,11 @@ MAX_ABS_COORD_PX = float(1 << 21)
 # Triangles with |float area2| below one fixed-point area unit are skipped: area < 2^-17 px^2 holds a pixel
 # centre with probability < 1e-5, and their barycentrics would divide by ~0.
 MIN_AREA2_PX2 = 1.0 / (SUBPIXEL * SUBPIXEL)
-# Upper bound on (triangles x window pixels) evaluated at once: caps the visibility pass's memory (~40 B each).
-DEFAULT_CANDIDATES_PER_CHUNK = 1 << 21
-# Triangles whose edge equations are set up at once on CPU: bounds the per-triangle temporaries (~100 B each),
-# which beats one pass over all B x F triangles (page faults and cache misses on fresh 100+ MB buffers), while
-# keeping blocks x size classes (one chunk of ~20 small ops each) few: 2^16 cost 10-40 % more on the bench
-# scenes (measured on 2 cores). A GPU prefers few large launches and sets up all triangles at once.
-CPU_TRIANGLES_PER_BLOCK = 1 << 18
+# Upper bound on (triangles x window pixels) the batched visibility pass evaluates at once: caps its memory
+# (~40 B each). Results do not depend on it.
+CANDIDATES_PER_CHUNK = 1 << 21
+# CPU tensors take the compiled visibility pass; tests set this False to run the batched one (what GPUs run).
+COMPILED_ON_CPU = True
 
 _INT64_MAX = torch.iinfo(torch.int64).max
 _FLOAT32_INF_BITS = 0x7F800000
@@ -61,13 +63,13 @@ class Rendered(NamedTuple):
     tri_id: torch.Tensor  # (B, 1, H, W) int64 index into tris
 
 
-class _Covered(NamedTuple):
-    """The covered pixels of a batch, packed: N = number of covered pixels."""
-    pixel: torch.Tensor      # (N,) int64 flat index into (B, H, W)
-    tri_id: torch.Tensor     # (N,) int64 index into tris
-    vert_rows: torch.Tensor  # (3, N) int64 rows of the (B * V, ...) flattened per-vertex tensors, corner-major
-    bary: torch.Tensor       # (3, N) perspective-correct barycentrics, corner-major
-    depth: torch.Tensor      # (N,) camera depth
+class _Visible(NamedTuple):
+    """The z-buffer's result: every pixel's nearest triangle, and the N covered pixels packed in flat order."""
+    tri_id_map: torch.Tensor  # (B * H * W,) int64 index into tris, -1 = background
+    pixel: torch.Tensor       # (N,) int64 flat index into (B, H, W)
+    tri_id: torch.Tensor      # (N,) int64 index into tris
+    vert_rows: torch.Tensor   # (3, N) int64 rows of the (B * V, ...) flattened per-vertex tensors, corner-major
+    pixel_xy: torch.Tensor    # (2, N) pixel centres x = column, y = row, in verts_px's dtype
 
 
 class _Binned(NamedTuple):
@@ -304,18 +306,10 @@ def _rasterize_chunk(block: _EdgeBlock, binned: _Binned, start: int, stop: int, 
     zbuf.scatter_reduce_(0, pixel.view(-1), keys.view(-1), "amin")
 
 
-def _blocks(first_int32: int, n_binned: int, block_rows: int) -> list[tuple[int, int, torch.dtype]]:
-    """(start, stop, dtype) runs of at most block_rows binned triangles whose edge equations are set up
-    together; a run never mixes the int64 rows [0, first_int32) with the int32 rows after them."""
-    return [(start, min(start + block_rows, stop), dtype)
-            for first, stop, dtype in ((0, first_int32, torch.int64), (first_int32, n_binned, torch.int32))
-            for start in range(first, stop, block_rows)]
-
-
 @torch.no_grad()
-def _nearest_triangles(verts_px: torch.Tensor, tris: torch.Tensor, height: int, width: int,
-                       candidates_per_chunk: int) -> torch.Tensor:
-    """Z-buffer pass. verts_px: (B, V, 3), tris: (F, 3) int64 -> (B * H * W,) int64 triangle id, -1 = background."""
+def _nearest_triangles_batched(verts_px: torch.Tensor, tris: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Z-buffer pass in batched torch ops. verts_px: (B, V, 3), tris: (F, 3) int64 -> (B * H * W,) int64 triangle
+    id, -1 = background."""
     batch, n_tris = verts_px.shape[0], tris.shape[0]
     zbuf = torch.full((batch * height * width,), _INT64_MAX, dtype=torch.int64, device=verts_px.device)
     if n_tris == 0 or batch == 0:
@@ -328,9 +322,12 @@ def _nearest_triangles(verts_px: torch.Tensor, tris: torch.Tensor, height: int, 
     for size_class, count in zip(binned.class_ids, binned.class_counts):
         class_runs.append((start, start + count, *_class_sizes(size_class, height, width)))
         start += count
-    block_rows = CPU_TRIANGLES_PER_BLOCK if verts.device.type == "cpu" else max(1, start)
     windows: dict[tuple[int, int, torch.dtype], _Window] = {}
-    for block_start, block_stop, dtype in _blocks(binned.first_int32, start, block_rows):
+    # the int64 rows [0, first_int32) and the int32 rows after them are set up separately
+    for block_start, block_stop, dtype in ((0, binned.first_int32, torch.int64),
+                                           (binned.first_int32, start, torch.int32)):
+        if block_start == block_stop:
+            continue
         block = _edge_block(coords, tris_by_corner, binned, block_start, block_stop, dtype)
         for run_start, run_stop, win_w, win_h in class_runs:
             first, last = max(run_start, block_start), min(run_stop, block_stop)
@@ -339,12 +336,34 @@ def _nearest_triangles(verts_px: torch.Tensor, tris: torch.Tensor, height: int, 
             window = windows.get((win_w, win_h, dtype))
             if window is None:
                 window = windows[win_w, win_h, dtype] = _window(win_w, win_h, width, dtype, zbuf.device)
-            per_chunk = max(1, candidates_per_chunk // (win_w * win_h))
+            per_chunk = max(1, CANDIDATES_PER_CHUNK // (win_w * win_h))
             for chunk_start in range(first, last, per_chunk):
                 _rasterize_chunk(block, binned, chunk_start, min(chunk_start + per_chunk, last), window, tri_bits,
                                  zbuf)
     background = zbuf == _INT64_MAX
     return zbuf.bitwise_and_((1 << tri_bits) - 1).masked_fill_(background, -1)
+
+
+def _pack_visible(tri_id_map: torch.Tensor, tris: torch.Tensor, n_verts: int, height: int, width: int,
+                  dtype: torch.dtype) -> _Visible:
+    """tri_id_map: (B * H * W,) int64 (-1 = background); tris: (F, 3) int64 -> _Visible, pixel_xy as dtype."""
+    pixel = (tri_id_map >= 0).nonzero().squeeze(1)
+    tri_id = tri_id_map.index_select(0, pixel)
+    image_index = pixel // (height * width)
+    in_image = pixel - image_index * (height * width)
+    row = in_image // width
+    pixel_xy = torch.stack([in_image - row * width, row]).to(dtype)
+    return _Visible(tri_id_map, pixel, tri_id, _corner_rows(tris.T.contiguous(), tri_id, image_index * n_verts),
+                    pixel_xy)
+
+
+def _visible_pixels(verts_px: torch.Tensor, tris: torch.Tensor, height: int, width: int) -> _Visible:
+    """Z-buffer pass. verts_px: (B, V, 3); tris: (F, 3) int64 -> _Visible (no gradient)."""
+    if COMPILED_ON_CPU and verts_px.device.type == "cpu":
+        return _Visible(*visible_pixels_cpu(verts_px, tris, height, width, _window_sizes(width),
+                                            _window_sizes(height), SUBPIXEL, MAX_ABS_COORD_PX, MIN_AREA2_PX2))
+    return _pack_visible(_nearest_triangles_batched(verts_px, tris, height, width), tris, verts_px.shape[1],
+                         height, width, verts_px.dtype)
 
 
 class _PerspectiveBarycentrics(torch.autograd.Function):
@@ -424,18 +443,9 @@ class _InterpolateRows(torch.autograd.Function):
         return grad_attr, None, grad_bary
 
 
-def _covered_pixels(verts_px: torch.Tensor, tris: torch.Tensor, tri_id_flat: torch.Tensor,
-                    height: int, width: int) -> _Covered:
-    """Differentiable pass over the covered pixels of tri_id_flat: (B * H * W,) int64 (-1 = background)."""
-    pixel = (tri_id_flat >= 0).nonzero().squeeze(1)
-    tri_id = tri_id_flat.index_select(0, pixel)
-    image_index = pixel // (height * width)
-    in_image = pixel - image_index * (height * width)
-    row = in_image // width
-    pixel_xy = torch.stack([in_image - row * width, row]).to(verts_px.dtype)
-    vert_rows = _corner_rows(tris.T.contiguous(), tri_id, image_index * verts_px.shape[1])
-    bary, depth = _PerspectiveBarycentrics.apply(verts_px.reshape(-1, 3), vert_rows, pixel_xy)
-    return _Covered(pixel, tri_id, vert_rows, bary, depth)
+def _covered_barycentrics(verts_px: torch.Tensor, visible: _Visible) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable pass over the covered pixels: verts_px (B, V, 3) -> bary (3, N), depth (N,)."""
+    return _PerspectiveBarycentrics.apply(verts_px.reshape(-1, 3), visible.vert_rows, visible.pixel_xy)
 
 
 def _interpolate_rows(attr: torch.Tensor, vert_rows: torch.Tensor, bary: torch.Tensor) -> torch.Tensor:
@@ -452,26 +462,22 @@ def _scatter_pixels(values: torch.Tensor, pixel: torch.Tensor, n_pixels: int) ->
     return out
 
 
-def rasterize(verts_px: torch.Tensor, tris: torch.Tensor, height: int, width: int, *,
-              candidates_per_chunk: int = DEFAULT_CANDIDATES_PER_CHUNK) -> Fragments:
+def rasterize(verts_px: torch.Tensor, tris: torch.Tensor, height: int, width: int) -> Fragments:
     """Rasterize a batch of meshes sharing one triangle list.
 
     verts_px: (B, V, 3) float, x_px, y_px (pixel centre of row i / col j at x = j, y = i) and positive
-        camera depth; tris: (F, 3) integer vertex indices. candidates_per_chunk bounds the visibility
-        pass's working set (triangles x window pixels per step); results do not depend on it.
+        camera depth; tris: (F, 3) integer vertex indices.
     Returns Fragments with tri_id (B, H, W) int64 (-1 background), bary (B, H, W, 3) and depth (B, H, W)
     in verts_px's dtype; bary and depth are differentiable w.r.t. verts_px (not w.r.t. coverage).
     """
     tris = _check_mesh(verts_px, tris, height, width)
-    if candidates_per_chunk < 1:
-        raise ValueError(f"candidates_per_chunk: expected >= 1, got {candidates_per_chunk}")
     batch = verts_px.shape[0]
-    tri_id = _nearest_triangles(verts_px, tris, height, width, candidates_per_chunk)
-    covered = _covered_pixels(verts_px, tris, tri_id, height, width)
+    visible = _visible_pixels(verts_px, tris, height, width)
+    covered_bary, covered_depth = _covered_barycentrics(verts_px, visible)
     n_pixels = batch * height * width
-    bary = _scatter_pixels(covered.bary, covered.pixel, n_pixels)
-    depth = _scatter_pixels(covered.depth[None], covered.pixel, n_pixels)
-    return Fragments(tri_id.view(batch, height, width), bary.view(batch, height, width, 3),
+    bary = _scatter_pixels(covered_bary, visible.pixel, n_pixels)
+    depth = _scatter_pixels(covered_depth[None], visible.pixel, n_pixels)
+    return Fragments(visible.tri_id_map.view(batch, height, width), bary.view(batch, height, width, 3),
                      depth.view(batch, height, width))
 
 
@@ -489,13 +495,10 @@ def interpolate(attr: torch.Tensor, frags: Fragments, tris: torch.Tensor) -> tor
     if not isinstance(tris, torch.Tensor) or tris.ndim != 2 or tris.shape[1] != 3 or tris.is_floating_point():
         raise ValueError(f"tris: expected the rasterized (F, 3) integer tensor, got {getattr(tris, 'shape', tris)}")
     tris = tris.to(device=attr.device, dtype=torch.int64)
-    tri_id_flat = frags.tri_id.reshape(-1)
-    pixel = (tri_id_flat >= 0).nonzero().squeeze(1)
-    vert_rows = _corner_rows(tris.T.contiguous(), tri_id_flat.index_select(0, pixel),
-                             pixel // (height * width) * attr.shape[1])
-    bary = frags.bary.reshape(-1, 3).index_select(0, pixel).T
-    values = _interpolate_rows(attr, vert_rows, bary)
-    return _scatter_pixels(values, pixel, batch * height * width).view(batch, height, width, -1)
+    visible = _pack_visible(frags.tri_id.reshape(-1), tris, attr.shape[1], height, width, attr.dtype)
+    bary = frags.bary.reshape(-1, 3).index_select(0, visible.pixel).T
+    values = _interpolate_rows(attr, visible.vert_rows, bary)
+    return _scatter_pixels(values, visible.pixel, batch * height * width).view(batch, height, width, -1)
 
 
 def render(verts_px: torch.Tensor, tris: torch.Tensor, colors: torch.Tensor, height: int, width: int) -> Rendered:
@@ -513,11 +516,11 @@ def render(verts_px: torch.Tensor, tris: torch.Tensor, colors: torch.Tensor, hei
                          f"got {getattr(colors, 'shape', type(colors))}")
     if not colors.is_floating_point() or colors.device != verts_px.device:
         raise ValueError(f"colors: expected floats on {verts_px.device}, got {colors.dtype} on {colors.device}")
-    tri_id = _nearest_triangles(verts_px, tris, height, width, DEFAULT_CANDIDATES_PER_CHUNK)
-    covered = _covered_pixels(verts_px, tris, tri_id, height, width)
-    values = _interpolate_rows(colors, covered.vert_rows, covered.bary)
+    visible = _visible_pixels(verts_px, tris, height, width)
+    covered_bary, covered_depth = _covered_barycentrics(verts_px, visible)
+    values = _interpolate_rows(colors, visible.vert_rows, covered_bary)
     n_pixels = batch * height * width
-    image = _scatter_pixels(values, covered.pixel, n_pixels).view(batch, height, width, -1).permute(0, 3, 1, 2)
-    depth = _scatter_pixels(covered.depth[None], covered.pixel, n_pixels).view(batch, 1, height, width)
-    tri_id = tri_id.view(batch, 1, height, width)
+    image = _scatter_pixels(values, visible.pixel, n_pixels).view(batch, height, width, -1).permute(0, 3, 1, 2)
+    depth = _scatter_pixels(covered_depth[None], visible.pixel, n_pixels).view(batch, 1, height, width)
+    tri_id = visible.tri_id_map.view(batch, 1, height, width)
     return Rendered(image, (tri_id >= 0).to(colors.dtype), depth, tri_id)
