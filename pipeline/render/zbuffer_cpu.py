@@ -114,20 +114,23 @@ def _zbuffer_items(verts, tris, sizes_w, sizes_h, subpixel, max_abs_sub, min_are
             edge0 = _with_fill_rule(edge0, step_x0, step_y0)
             edge1 = _with_fill_rule(edge1, step_x1, step_y1)
             edge2 = _with_fill_rule(edge2, step_x2, step_y2)
+            per_col0, per_col1, per_col2 = step_x0 * subpixel, step_x1 * subpixel, step_x2 * subpixel
+            first_col = col_lo - origin_col
             for row in range(row_lo, row_hi + 1):
                 r = row - origin_row
-                e0 = edge0 + step_y0 * subpixel * r
-                e1 = edge1 + step_y1 * subpixel * r
-                e2 = edge2 + step_y2 * subpixel * r
+                # exact integers, so stepping along the row gives the same values as evaluating at each pixel
+                e0 = edge0 + step_y0 * subpixel * r + per_col0 * first_col
+                e1 = edge1 + step_y1 * subpixel * r + per_col1 * first_col
+                e2 = edge2 + step_y2 * subpixel * r + per_col2 * first_col
                 plane_row = plane_y * np.float32(r) + plane0
+                zbuf_row = zbuf[b, row]
                 for col in range(col_lo, col_hi + 1):
-                    c = col - origin_col
                     # branch-free: the sign bit of the OR is set iff the pixel centre is outside an edge
-                    outside = ((e0 + step_x0 * subpixel * c) | (e1 + step_x1 * subpixel * c)
-                               | (e2 + step_x2 * subpixel * c)) < 0
-                    as_float[0] = max(plane_row + plane_x * np.float32(c), _FLOAT32_TINY)
+                    outside = (e0 | e1 | e2) < 0
+                    e0, e1, e2 = e0 + per_col0, e1 + per_col1, e2 + per_col2
+                    as_float[0] = max(plane_row + plane_x * np.float32(col - origin_col), _FLOAT32_TINY)
                     key = ((inf_bits - as_bits[0]) << tri_bits) | f
-                    zbuf[b, row, col] = min(zbuf[b, row, col], _INT64_MAX if outside else key)
+                    zbuf_row[col] = min(zbuf_row[col], _INT64_MAX if outside else key)
 
 
 @numba.njit(nogil=True, cache=True)
