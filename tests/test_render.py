@@ -440,22 +440,42 @@ def posed_faces(verts_px: torch.Tensor, yaws_deg: list[float], seed: int) -> tor
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_compiled_and_batched_passes_pick_the_same_triangles_on_posed_faces(sfm_face_px, dtype, monkeypatch):
+def test_compiled_and_torch_passes_agree_to_the_last_bit_on_posed_faces(sfm_face_px, dtype, monkeypatch):
     verts, tris = sfm_face_px
     batch = posed_faces(verts, [-60.0, -25.0, 0.0, 10.0, 45.0, 80.0], seed=4).to(dtype)
     batch[5, :, :2] = batch[5, :, :2] * 3 - 250  # a close-up, mostly off-screen
+    colors = torch.rand(batch.shape[:2] + (3,), generator=torch.Generator().manual_seed(5), dtype=dtype)
     compiled = rasterize(batch, tris, 224, 224)
+    compiled_render = render(batch, tris, colors, 224, 224)  # no gradient needed: compiled shading
     assert ((compiled.tri_id >= 0).sum((1, 2)) > 5000).all()
     threads = torch.get_num_threads()
-    try:  # batch items are split over threads: one thread gives the same result
+    try:  # batch items and pixels are split over threads: one thread gives the same result
         torch.set_num_threads(1)
         assert torch.equal(rasterize(batch, tris, 224, 224).tri_id, compiled.tri_id)
+        assert torch.equal(render(batch, tris, colors, 224, 224).image, compiled_render.image)
     finally:
         torch.set_num_threads(threads)
     monkeypatch.setattr(raster_module, "COMPILED_ON_CPU", False)
     batched = rasterize(batch, tris, 224, 224)
     assert torch.equal(batched.tri_id, compiled.tri_id)
     assert torch.equal(batched.depth, compiled.depth) and torch.equal(batched.bary, compiled.bary)
+    torch_render = render(batch, tris, colors, 224, 224)
+    for name in ("image", "depth", "mask", "tri_id"):
+        assert torch.equal(getattr(torch_render, name), getattr(compiled_render, name)), name
+    assert compiled_render.image.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_renders_that_need_gradients_take_the_torch_shading():
+    verts, tris = quarter_grid_scene(9, 12, 16, 16)
+    colors = torch.rand(1, len(verts), 3, generator=torch.Generator().manual_seed(3))
+    plain = render(verts[None], tris, colors, 16, 16)
+    for needs_grad in ("verts", "colors"):
+        verts_in = verts[None].clone().requires_grad_(needs_grad == "verts")
+        colors_in = colors.clone().requires_grad_(needs_grad == "colors")
+        out = render(verts_in, tris, colors_in, 16, 16)
+        assert out.image.requires_grad and torch.equal(out.image.detach(), plain.image), needs_grad
+        with torch.no_grad():
+            assert not render(verts_in, tris, colors_in, 16, 16).image.requires_grad
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -8,7 +8,7 @@ Two passes:
    one of them, whatever the winding. Two implementations with identical results (tested): on a GPU, the
    batched pass here bins triangles by bounding-box size class (1, 2, 3, 4, 6, 8, ... px per axis), so each
    class is one broadcast over (triangles, rows, cols) folded in with `scatter_reduce('amin')`; on a CPU,
-   zbuffer_cpu.py walks each triangle's box in compiled code (3-5x faster there, and without the GIL).
+   raster_cpu.py walks each triangle's box in compiled code (3-5x faster there, and without the GIL).
 2. Attributes (differentiable): for the covered pixels only, perspective-correct barycentrics and depth
    are recomputed from the float vertex positions, so gradients reach `verts_px` (and, through
    `interpolate`, the per-vertex attributes). Coverage itself is piecewise constant, so like nvdiffrast
@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from .zbuffer_cpu import visible_pixels_cpu
+from .raster_cpu import shade_covered_cpu, visible_pixels_cpu
 
 SUBPIXEL_BITS = 8
 SUBPIXEL = 1 << SUBPIXEL_BITS
@@ -517,10 +517,16 @@ def render(verts_px: torch.Tensor, tris: torch.Tensor, colors: torch.Tensor, hei
     if not colors.is_floating_point() or colors.device != verts_px.device:
         raise ValueError(f"colors: expected floats on {verts_px.device}, got {colors.dtype} on {colors.device}")
     visible = _visible_pixels(verts_px, tris, height, width)
-    covered_bary, covered_depth = _covered_barycentrics(verts_px, visible)
-    values = _interpolate_rows(colors, visible.vert_rows, covered_bary)
     n_pixels = batch * height * width
-    image = _scatter_pixels(values, visible.pixel, n_pixels).view(batch, height, width, -1).permute(0, 3, 1, 2)
-    depth = _scatter_pixels(covered_depth[None], visible.pixel, n_pixels).view(batch, 1, height, width)
+    needs_grad = torch.is_grad_enabled() and (verts_px.requires_grad or colors.requires_grad)
+    if COMPILED_ON_CPU and verts_px.device.type == "cpu" and not needs_grad:
+        image, depth = shade_covered_cpu(verts_px, colors, visible.vert_rows, visible.pixel_xy, visible.pixel, n_pixels)
+    else:
+        covered_bary, covered_depth = _covered_barycentrics(verts_px, visible)
+        values = _interpolate_rows(colors, visible.vert_rows, covered_bary)
+        image = _scatter_pixels(values, visible.pixel, n_pixels)
+        depth = _scatter_pixels(covered_depth[None], visible.pixel, n_pixels)
+    image = image.view(batch, height, width, -1).permute(0, 3, 1, 2)
+    depth = depth.view(batch, 1, height, width)
     tri_id = visible.tri_id_map.view(batch, 1, height, width)
     return Rendered(image, (tri_id >= 0).to(colors.dtype), depth, tri_id)

@@ -1,5 +1,5 @@
-"""The visibility pass of rasterize.py compiled for the CPU (numba): the z-buffer, one triangle at a time, then
-the covered pixels packed for the differentiable pass.
+"""rasterize.py's passes compiled for the CPU (numba): visibility (the z-buffer, one triangle at a time, then the
+covered pixels packed) and, for renders that need no gradient, shading (barycentrics, colours, depth).
 
 Same arithmetic as the batched torch pass (`rasterize._nearest_triangles_batched`, which GPUs run): corners
 snapped to 1/256 px, exact int64 edge functions with the top-left fill rule, 1/depth planes set up in float32
@@ -8,6 +8,11 @@ id) keys. So both passes return identical triangle ids, which the tests check. O
 spends most of its time building (triangles x window) candidate tensors and scattering them; here each
 triangle walks its own bounding box (3-5x faster), and the kernels release the GIL, so threads rasterize batch
 items in parallel, and beside other Python threads. numba caches the compiled kernels in __pycache__.
+
+Shading repeats `rasterize._PerspectiveBarycentrics.forward` and `_InterpolateRows.forward` pixel by pixel with
+the same operations in the same order, including the fused multiply-adds of torch's addcmul_ on CPUs with FMA,
+so it gives the same values as the torch ops (tested on face renders); the torch ops stay for renders that need
+gradients.
 """
 from __future__ import annotations
 
@@ -17,11 +22,26 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 import torch
+from numba.extending import intrinsic
 
 _INT64_MAX = np.iinfo(np.int64).max
 _FLOAT32_INF_BITS = 0x7F800000
 _FLOAT32_TINY = np.float32(np.finfo(np.float32).tiny)
 _pool: ThreadPoolExecutor | None = None
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a * b + c rounded once, like torch's CPU addcmul_, which the torch passes use for corner cross products."""
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+    return a(a, b, c), codegen
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _cross(a1, b2, a2, b1):
+    """a1 * b2 - a2 * b1 as rasterize._corner_cross computes it: the product, then addcmul_ (fused)."""
+    return _fma(-a2, b1, a1 * b2)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -88,7 +108,7 @@ def _zbuffer_items(verts, tris, sizes_w, sizes_h, subpixel, max_abs_sub, min_are
             if col_lo > col_hi or row_lo > row_hi:
                 continue
             # the float sliver test, in the vertices' dtype, summed as the batched pass sums it
-            area2_float = (x1 * y2 - x2 * y1) + (x2 * y0 - x0 * y2) + (x0 * y1 - x1 * y0)
+            area2_float = _cross(x1, y2, x2, y1) + _cross(x2, y0, x0, y2) + _cross(x0, y1, x1, y0)
             origin_col = _window_origin(col_lo, col_hi, sizes_w)
             origin_row = _window_origin(row_lo, row_hi, sizes_h)
             fx0, fy0 = np.int64(xs0) - origin_col * subpixel, np.int64(ys0) - origin_row * subpixel
@@ -190,12 +210,7 @@ def visible_pixels_cpu(verts_px: torch.Tensor, tris: torch.Tensor, height: int, 
         args = (verts, tris_np, np.asarray(sizes_w, np.int64), np.asarray(sizes_h, np.int64),
                 subpixel, max_abs_px * subpixel, min_area2_px2, tri_bits, zbuf)
         n_threads = min(torch.get_num_threads(), batch)
-        if n_threads == 1:
-            _zbuffer_items(*args, 0, batch)
-        else:
-            bounds = [batch * i // n_threads for i in range(n_threads + 1)]
-            for done in [_threads().submit(_zbuffer_items, *args, lo, hi) for lo, hi in zip(bounds, bounds[1:])]:
-                done.result()
+        _run_split(_zbuffer_items, args, [batch * i // n_threads for i in range(n_threads + 1)])
     n_covered = _keys_to_ids(zbuf, tri_bits)
     pixel, covered_tri = np.empty(n_covered, np.int64), np.empty(n_covered, np.int64)
     vert_rows = np.empty((3, n_covered), np.int64)
@@ -203,6 +218,63 @@ def visible_pixels_cpu(verts_px: torch.Tensor, tris: torch.Tensor, height: int, 
     _pack_covered(zbuf, tris_np, n_verts, pixel, covered_tri, vert_rows, pixel_xy)
     return (torch.from_numpy(zbuf).view(-1), torch.from_numpy(pixel), torch.from_numpy(covered_tri),
             torch.from_numpy(vert_rows), torch.from_numpy(pixel_xy).to(verts_px.dtype))
+
+
+@numba.njit(nogil=True, cache=True)
+def _shade_pixels(verts, inv_depth, colors, vert_rows, pixel_xy, pixel, image, depth, first, stop):
+    """Covered pixels [first, stop): perspective-correct barycentrics from the float corners, then colours.
+
+    verts: (B * V, 3) x_px, y_px, depth; inv_depth: (B * V,) 1 / depth; colors: (B * V, C); vert_rows: (3, N)
+    int64; pixel_xy: (2, N) in verts' dtype; pixel: (N,) int64 flat pixel index; image: (B * H * W, C) colors'
+    dtype and depth: (B * H * W,) verts' dtype, written at those pixels."""
+    n_channels = colors.shape[1]
+    for n in range(first, stop):
+        row0, row1, row2 = vert_rows[0, n], vert_rows[1, n], vert_rows[2, n]
+        x, y = pixel_xy[0, n], pixel_xy[1, n]
+        rel_x0, rel_x1, rel_x2 = verts[row0, 0] - x, verts[row1, 0] - x, verts[row2, 0] - x
+        rel_y0, rel_y1, rel_y2 = verts[row0, 1] - y, verts[row1, 1] - y, verts[row2, 1] - y
+        edge0 = _cross(rel_x1, rel_y2, rel_x2, rel_y1)  # lambda_k * area2
+        edge1 = _cross(rel_x2, rel_y0, rel_x0, rel_y2)
+        edge2 = _cross(rel_x0, rel_y1, rel_x1, rel_y0)
+        area2 = edge0 + edge1 + edge2
+        weighted0 = edge0 * inv_depth[row0]
+        weighted1 = edge1 * inv_depth[row1]
+        weighted2 = edge2 * inv_depth[row2]
+        total = weighted0 + weighted1 + weighted2
+        bary0, bary1, bary2 = weighted0 / total, weighted1 / total, weighted2 / total
+        depth[pixel[n]] = area2 / total
+        bary0, bary1, bary2 = colors.dtype.type(bary0), colors.dtype.type(bary1), colors.dtype.type(bary2)
+        for channel in range(n_channels):
+            value = _fma(colors[row1, channel], bary1, colors[row0, channel] * bary0)  # as _InterpolateRows
+            image[pixel[n], channel] = _fma(colors[row2, channel], bary2, value)
+
+
+def shade_covered_cpu(verts_px: torch.Tensor, colors: torch.Tensor, vert_rows: torch.Tensor, pixel_xy: torch.Tensor,
+                      pixel: torch.Tensor, n_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shade the N covered pixels of a render that needs no gradient. verts_px: (B, V, 3) float; colors: (B, V, C)
+    float; vert_rows, pixel_xy, pixel: as visible_pixels_cpu returns them; n_pixels = B * H * W.
+    Returns image (n_pixels, C) in colors' dtype and depth (n_pixels,) in verts_px's, 0 where uncovered. The
+    pixels are split over torch.get_num_threads() threads."""
+    verts = verts_px.detach().reshape(-1, 3).contiguous().numpy()
+    inv_depth = np.reciprocal(verts[:, 2])  # once per vertex: the same division as per pixel corner
+    color_rows = colors.detach().reshape(-1, colors.shape[2]).contiguous().numpy()
+    image = np.zeros((n_pixels, color_rows.shape[1]), color_rows.dtype)
+    depth = np.zeros(n_pixels, verts.dtype)
+    args = (verts, inv_depth, color_rows, vert_rows.numpy(), pixel_xy.numpy(), pixel.numpy(), image, depth)
+    n_covered = pixel.shape[0]
+    n_threads = min(torch.get_num_threads(), max(1, n_covered >> 14))  # a thread per >= 16k pixels
+    bounds = [n_covered * i // n_threads for i in range(n_threads + 1)]
+    _run_split(_shade_pixels, args, bounds)
+    return torch.from_numpy(image), torch.from_numpy(depth)
+
+
+def _run_split(kernel, args: tuple, bounds: list[int]) -> None:
+    """kernel(*args, first, stop) over consecutive [bounds[i], bounds[i + 1]), one range per thread."""
+    if len(bounds) == 2:
+        kernel(*args, bounds[0], bounds[1])
+        return
+    for done in [_threads().submit(kernel, *args, lo, hi) for lo, hi in zip(bounds, bounds[1:])]:
+        done.result()
 
 
 def _threads() -> ThreadPoolExecutor:
