@@ -1,6 +1,8 @@
 """Differentiable rasterizer: exact coverage against a plain-loop reference, the top-left fill rule,
 depth order, perspective-correct interpolation, gradients against finite differences, edge cases and
 the real Surrey Face Model mesh."""
+import os
+import subprocess
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -449,9 +451,8 @@ def test_compiled_and_torch_passes_agree_to_the_last_bit_on_posed_faces(sfm_face
     compiled_render = render(batch, tris, colors, 224, 224)  # no gradient needed: compiled shading
     assert ((compiled.tri_id >= 0).sum((1, 2)) > 5000).all()
     threads = torch.get_num_threads()
-    try:  # batch items and pixels are split over threads: one thread gives the same result
+    try:  # shading splits the covered pixels over threads: one thread gives the same result
         torch.set_num_threads(1)
-        assert torch.equal(rasterize(batch, tris, 224, 224).tri_id, compiled.tri_id)
         assert torch.equal(render(batch, tris, colors, 224, 224).image, compiled_render.image)
     finally:
         torch.set_num_threads(threads)
@@ -463,6 +464,68 @@ def test_compiled_and_torch_passes_agree_to_the_last_bit_on_posed_faces(sfm_face
     for name in ("image", "depth", "mask", "tri_id"):
         assert torch.equal(getattr(torch_render, name), getattr(compiled_render, name)), name
     assert compiled_render.image.is_contiguous(memory_format=torch.channels_last)
+
+
+def compiled_and_torch_renders(monkeypatch, *args) -> tuple:
+    """render(*args) with the compiled CPU passes, then with the torch ones."""
+    compiled = render(*args)
+    monkeypatch.setattr(raster_module, "COMPILED_ON_CPU", False)
+    in_torch = render(*args)
+    monkeypatch.setattr(raster_module, "COMPILED_ON_CPU", True)
+    return compiled, in_torch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_passes_give_torch_infs_instead_of_failing_the_batch(monkeypatch, dtype):
+    tris = torch.tensor([[0, 1, 2]])
+    good = torch.tensor([[0.2, 0.1, 2.0], [2.9, 0.3, 2.0], [0.5, 2.8, 2.0]])
+    # pixel (1, 1) is covered by the snapped corners, while its float barycentric weights sum to exactly 0
+    zero_total = torch.tensor([[1 + 2**-6, 1.0, 1.0], [1 + 2**-10, 1.0, 16.0], [1 + 2**-7, 1 + 2**-6, 2.0]])
+    # a positive float64 depth that is 0 in float32 (the z-buffer's 1/depth planes)
+    tiny_depth = torch.tensor([[0.5, 0.5, 1e-50], [2.5, 0.7, 3.0], [0.8, 2.6, 4.0]], dtype=torch.float64)
+    batch = torch.stack([good, zero_total, tiny_depth.to(torch.float32)]).to(dtype)
+    colors = torch.rand(3, 3, 3, generator=torch.Generator().manual_seed(8), dtype=dtype)
+    compiled, in_torch = compiled_and_torch_renders(monkeypatch, batch, tris, colors, 3, 3)
+    assert (compiled.tri_id[0] >= 0).sum() > 0 and not torch.isfinite(in_torch.depth[1]).all()
+    for name in ("image", "depth", "tri_id"):
+        torch.testing.assert_close(getattr(compiled, name), getattr(in_torch, name), rtol=0, atol=0, equal_nan=True)
+
+
+def test_half_precision_and_dual_tensors_take_the_torch_shading(monkeypatch):
+    verts, tris = quarter_grid_scene(10, 12, 16, 16)
+    colors = torch.rand(1, len(verts), 3, generator=torch.Generator().manual_seed(4))
+    for dtype in (torch.float16, torch.bfloat16):
+        compiled, in_torch = compiled_and_torch_renders(monkeypatch, verts[None], tris, colors.to(dtype), 16, 16)
+        assert compiled.image.dtype == dtype and torch.equal(compiled.image, in_torch.image)
+    with torch.autograd.forward_ad.dual_level():  # the torch shading has no forward-mode derivative: it says so
+        dual = torch.autograd.forward_ad.make_dual(colors, torch.ones_like(colors))
+        with pytest.raises(RuntimeError, match="jvp"):
+            render(verts[None], tris, dual, 16, 16)
+
+
+def test_compiled_shading_matches_torch_built_without_fused_multiply_adds():
+    # torch's plain kernels (no AVX2/AVX512) round a + b * c twice in addcmul_; the compiled shading must follow
+    script = """
+import torch, sys
+from pipeline.render import render
+from pipeline.render.raster_cpu import torch_addcmul_is_fused
+sys.path.insert(0, sys.argv[1])
+from test_render import grid_mesh, quarter_grid_scene
+mesh_verts, mesh_tris = grid_mesh(12, 14, 5.5, jitter_seed=6, flip_seed=7)
+soup_verts, soup_tris = quarter_grid_scene(8, 60, 64, 72)
+verts = torch.cat([mesh_verts, soup_verts])[None]
+tris = torch.cat([mesh_tris, soup_tris + len(mesh_verts)])
+colors = torch.rand(1, verts.shape[1], 3, generator=torch.Generator().manual_seed(2))
+compiled = render(verts, tris, colors, 64, 72)
+sys.modules["pipeline.render.rasterize"].COMPILED_ON_CPU = False
+in_torch = render(verts, tris, colors, 64, 72)
+print(torch_addcmul_is_fused(), torch.equal(compiled.image, in_torch.image), torch.equal(compiled.depth, in_torch.depth))
+"""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    result = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent)], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True", "True"]
 
 
 def test_renders_that_need_gradients_take_the_torch_shading():

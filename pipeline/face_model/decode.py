@@ -101,7 +101,8 @@ def vertex_normals(verts: torch.Tensor, tris: torch.Tensor) -> torch.Tensor:
     batch, n_tris, _ = face_n.shape
     corner_n = face_n.permute(1, 0, 2).reshape(n_tris, batch * 3).repeat_interleave(3, dim=0)
     normals = face_n.new_zeros(verts.shape[1], batch * 3).index_add_(0, tris.reshape(-1), corner_n)
-    return nn.functional.normalize(normals.view(-1, batch, 3).permute(1, 0, 2).contiguous(), dim=-1, eps=1e-12)
+    normals = normals.view(verts.shape[1], batch, 3).permute(1, 0, 2).contiguous()
+    return nn.functional.normalize(normals, dim=-1, eps=1e-12)
 
 
 _SH_A = (math.pi, 2 * math.pi / math.sqrt(3.0), 2 * math.pi / math.sqrt(8.0))

@@ -10,13 +10,15 @@ triangle walks its own bounding box (3-5x faster), and the kernels release the G
 items in parallel, and beside other Python threads. numba caches the compiled kernels in __pycache__.
 
 Shading repeats `rasterize._PerspectiveBarycentrics.forward` and `_InterpolateRows.forward` pixel by pixel with
-the same operations in the same order, including the fused multiply-adds of torch's addcmul_ on CPUs with FMA,
-so it gives the same values as the torch ops (tested on face renders); the torch ops stay for renders that need
-gradients.
+the same operations in the same order, rounding its multiply-adds once or twice as torch's addcmul_ does in this
+build (torch_addcmul_is_fused), so it gives the same values as the torch ops (tested on face renders, also with
+torch's plain kernels); the torch ops stay for renders that need gradients.
 """
 from __future__ import annotations
 
+import functools
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
@@ -28,23 +30,43 @@ _INT64_MAX = np.iinfo(np.int64).max
 _FLOAT32_INF_BITS = 0x7F800000
 _FLOAT32_TINY = np.float32(np.finfo(np.float32).tiny)
 _pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+# error_model="numpy": float division by zero gives inf/NaN as in torch, instead of raising (which would fail a
+# whole batch over one degenerate mesh)
+_jit = numba.njit(nogil=True, cache=True, error_model="numpy")
+_jit_inline = numba.njit(nogil=True, cache=True, error_model="numpy", inline="always")
+
+
+@functools.cache
+def torch_addcmul_is_fused() -> bool:
+    """Whether torch's CPU addcmul_ rounds a + b * c once, as its AVX2/AVX512 kernels do with fused multiply-adds,
+    or twice (its plain kernels: ATEN_CPU_CAPABILITY=default). The kernels here do the same, to give its bits."""
+    gen = torch.Generator().manual_seed(0)
+    a, b, c = (torch.rand(1024, generator=gen) for _ in range(3))
+    return torch.equal(a.clone().addcmul_(b, c), (a.double() + b.double() * c.double()).float())
 
 
 @intrinsic
 def _fma(typingctx, a, b, c):
-    """a * b + c rounded once, like torch's CPU addcmul_, which the torch passes use for corner cross products."""
+    """a * b + c rounded once (LLVM's fma)."""
     def codegen(context, builder, signature, args):
         return builder.fma(*args)
     return a(a, b, c), codegen
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
-def _cross(a1, b2, a2, b1):
-    """a1 * b2 - a2 * b1 as rasterize._corner_cross computes it: the product, then addcmul_ (fused)."""
-    return _fma(-a2, b1, a1 * b2)
+@_jit_inline
+def _multiply_add(a, b, c, fused):
+    """a * b + c as torch's addcmul_ computes it: rounded once if `fused` (torch_addcmul_is_fused), else twice."""
+    return _fma(a, b, c) if fused else a * b + c
 
 
-@numba.njit(nogil=True, cache=True)
+@_jit_inline
+def _cross(a1, b2, a2, b1, fused):
+    """a1 * b2 - a2 * b1 as rasterize._corner_cross computes it: the product, then addcmul_ (value -1)."""
+    return _multiply_add(-a2, b1, a1 * b2, fused)
+
+
+@_jit
 def _window_origin(lo, hi, sizes):
     """Origin of the window of the smallest size class holding pixels [lo, hi]; the window lies inside
     [0, sizes[-1])."""
@@ -54,28 +76,29 @@ def _window_origin(lo, hi, sizes):
     return min(lo, sizes[-1] - sizes[k])
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
+@_jit_inline
 def _snap(coord, subpixel):
     """A float px coordinate -> 1/subpixel px units, rounded half to even, as float64. Power-of-two scaling is
     exact in float64 as in the vertices' own dtype, and so is rint, so float32 vertices snap as in torch."""
     return np.rint(np.float64(coord) * subpixel)
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
+@_jit_inline
 def _usable(x_sub, y_sub, depth, max_abs_sub):
     """A vertex is drawable: snapped coordinates in range (False for NaN) and a finite positive depth."""
     return abs(x_sub) < max_abs_sub and abs(y_sub) < max_abs_sub and 0 < depth < np.inf
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
+@_jit_inline
 def _with_fill_rule(edge, step_x, step_y):
     """Bias an exact edge value so that `>= 0` means inside: an edge owns the pixel centres on it if the inside
     lies to its right (a left edge) or, for a horizontal edge, below it (a top edge)."""
     return edge - 1 + (step_x > 0 or (step_x == 0 and step_y > 0))
 
 
-@numba.njit(nogil=True, cache=True)
-def _zbuffer_items(verts, tris, sizes_w, sizes_h, subpixel, max_abs_sub, min_area2, tri_bits, zbuf, first, stop):
+@_jit
+def _zbuffer_items(verts, tris, sizes_w, sizes_h, subpixel, max_abs_sub, min_area2, tri_bits, zbuf, fused, first,
+                   stop):
     """Fold the triangles of batch items [first, stop) into zbuf.
 
     verts: (B, V, 3) float32/float64 x_px, y_px, depth; tris: (F, 3) int64; sizes_w, sizes_h: (K,) int64 window
@@ -108,7 +131,8 @@ def _zbuffer_items(verts, tris, sizes_w, sizes_h, subpixel, max_abs_sub, min_are
             if col_lo > col_hi or row_lo > row_hi:
                 continue
             # the float sliver test, in the vertices' dtype, summed as the batched pass sums it
-            area2_float = _cross(x1, y2, x2, y1) + _cross(x2, y0, x0, y2) + _cross(x0, y1, x1, y0)
+            area2_float = (_cross(x1, y2, x2, y1, fused) + _cross(x2, y0, x0, y2, fused)
+                           + _cross(x0, y1, x1, y0, fused))
             origin_col = _window_origin(col_lo, col_hi, sizes_w)
             origin_row = _window_origin(row_lo, row_hi, sizes_h)
             fx0, fy0 = np.int64(xs0) - origin_col * subpixel, np.int64(ys0) - origin_row * subpixel
@@ -153,7 +177,7 @@ def _zbuffer_items(verts, tris, sizes_w, sizes_h, subpixel, max_abs_sub, min_are
                     zbuf_row[col] = min(zbuf_row[col], _INT64_MAX if outside else key)
 
 
-@numba.njit(nogil=True, cache=True)
+@_jit
 def _keys_to_ids(zbuf, tri_bits):
     """zbuf: (B, H, W) int64 packed keys -> triangle ids in place (-1 = background); returns how many are >= 0."""
     flat = zbuf.reshape(-1)
@@ -168,7 +192,7 @@ def _keys_to_ids(zbuf, tri_bits):
     return n_covered
 
 
-@numba.njit(nogil=True, cache=True)
+@_jit
 def _pack_covered(tri_id, tris, n_verts, pixel, covered_tri, vert_rows, pixel_xy):
     """tri_id: (B, H, W) int64 (-1 = background); tris: (F, 3) int64 -> fills, for the N covered pixels in
     flat order: pixel (N,) flat index, covered_tri (N,), vert_rows (3, N) corner rows of the (B * V) flattened
@@ -208,7 +232,7 @@ def visible_pixels_cpu(verts_px: torch.Tensor, tris: torch.Tensor, height: int, 
     verts = verts_px.detach().to(torch.promote_types(verts_px.dtype, torch.float32)).contiguous().numpy()
     if batch and n_tris:
         args = (verts, tris_np, np.asarray(sizes_w, np.int64), np.asarray(sizes_h, np.int64),
-                subpixel, max_abs_px * subpixel, min_area2_px2, tri_bits, zbuf)
+                subpixel, max_abs_px * subpixel, min_area2_px2, tri_bits, zbuf, torch_addcmul_is_fused())
         n_threads = min(torch.get_num_threads(), batch)
         _run_split(_zbuffer_items, args, [batch * i // n_threads for i in range(n_threads + 1)])
     n_covered = _keys_to_ids(zbuf, tri_bits)
@@ -220,8 +244,8 @@ def visible_pixels_cpu(verts_px: torch.Tensor, tris: torch.Tensor, height: int, 
             torch.from_numpy(vert_rows), torch.from_numpy(pixel_xy).to(verts_px.dtype))
 
 
-@numba.njit(nogil=True, cache=True)
-def _shade_pixels(verts, inv_depth, colors, vert_rows, pixel_xy, pixel, image, depth, first, stop):
+@_jit
+def _shade_pixels(verts, inv_depth, colors, vert_rows, pixel_xy, pixel, image, depth, fused, first, stop):
     """Covered pixels [first, stop): perspective-correct barycentrics from the float corners, then colours.
 
     verts: (B * V, 3) x_px, y_px, depth; inv_depth: (B * V,) 1 / depth; colors: (B * V, C); vert_rows: (3, N)
@@ -233,9 +257,9 @@ def _shade_pixels(verts, inv_depth, colors, vert_rows, pixel_xy, pixel, image, d
         x, y = pixel_xy[0, n], pixel_xy[1, n]
         rel_x0, rel_x1, rel_x2 = verts[row0, 0] - x, verts[row1, 0] - x, verts[row2, 0] - x
         rel_y0, rel_y1, rel_y2 = verts[row0, 1] - y, verts[row1, 1] - y, verts[row2, 1] - y
-        edge0 = _cross(rel_x1, rel_y2, rel_x2, rel_y1)  # lambda_k * area2
-        edge1 = _cross(rel_x2, rel_y0, rel_x0, rel_y2)
-        edge2 = _cross(rel_x0, rel_y1, rel_x1, rel_y0)
+        edge0 = _cross(rel_x1, rel_y2, rel_x2, rel_y1, fused)  # lambda_k * area2
+        edge1 = _cross(rel_x2, rel_y0, rel_x0, rel_y2, fused)
+        edge2 = _cross(rel_x0, rel_y1, rel_x1, rel_y0, fused)
         area2 = edge0 + edge1 + edge2
         weighted0 = edge0 * inv_depth[row0]
         weighted1 = edge1 * inv_depth[row1]
@@ -245,8 +269,8 @@ def _shade_pixels(verts, inv_depth, colors, vert_rows, pixel_xy, pixel, image, d
         depth[pixel[n]] = area2 / total
         bary0, bary1, bary2 = colors.dtype.type(bary0), colors.dtype.type(bary1), colors.dtype.type(bary2)
         for channel in range(n_channels):
-            value = _fma(colors[row1, channel], bary1, colors[row0, channel] * bary0)  # as _InterpolateRows
-            image[pixel[n], channel] = _fma(colors[row2, channel], bary2, value)
+            value = _multiply_add(colors[row1, channel], bary1, colors[row0, channel] * bary0, fused)
+            image[pixel[n], channel] = _multiply_add(colors[row2, channel], bary2, value, fused)  # as _InterpolateRows
 
 
 def shade_covered_cpu(verts_px: torch.Tensor, colors: torch.Tensor, vert_rows: torch.Tensor, pixel_xy: torch.Tensor,
@@ -256,11 +280,13 @@ def shade_covered_cpu(verts_px: torch.Tensor, colors: torch.Tensor, vert_rows: t
     Returns image (n_pixels, C) in colors' dtype and depth (n_pixels,) in verts_px's, 0 where uncovered. The
     pixels are split over torch.get_num_threads() threads."""
     verts = verts_px.detach().reshape(-1, 3).contiguous().numpy()
-    inv_depth = np.reciprocal(verts[:, 2])  # once per vertex: the same division as per pixel corner
+    with np.errstate(divide="ignore"):  # a depth of 0 gives inf, as torch's reciprocal does, silently
+        inv_depth = np.reciprocal(verts[:, 2])  # once per vertex: the same division as per pixel corner
     color_rows = colors.detach().reshape(-1, colors.shape[2]).contiguous().numpy()
     image = np.zeros((n_pixels, color_rows.shape[1]), color_rows.dtype)
     depth = np.zeros(n_pixels, verts.dtype)
-    args = (verts, inv_depth, color_rows, vert_rows.numpy(), pixel_xy.numpy(), pixel.numpy(), image, depth)
+    args = (verts, inv_depth, color_rows, vert_rows.numpy(), pixel_xy.numpy(), pixel.numpy(), image, depth,
+            torch_addcmul_is_fused())
     n_covered = pixel.shape[0]
     n_threads = min(torch.get_num_threads(), max(1, n_covered >> 14))  # a thread per >= 16k pixels
     bounds = [n_covered * i // n_threads for i in range(n_threads + 1)]
@@ -280,9 +306,10 @@ def _run_split(kernel, args: tuple, bounds: list[int]) -> None:
 def _threads() -> ThreadPoolExecutor:
     """The threads that split a batch: made on first use (most processes never need them)."""
     global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="zbuffer")
-    return _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="raster")
+        return _pool
 
 
 def _forget_threads() -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch.autograd import forward_ad
 
 from .raster_cpu import shade_covered_cpu, visible_pixels_cpu
 
@@ -41,6 +42,7 @@ MIN_AREA2_PX2 = 1.0 / (SUBPIXEL * SUBPIXEL)
 CANDIDATES_PER_CHUNK = 1 << 21
 # CPU tensors take the compiled visibility pass; tests set this False to run the batched one (what GPUs run).
 COMPILED_ON_CPU = True
+_COMPILED_DTYPES = (torch.float32, torch.float64)
 
 _INT64_MAX = torch.iinfo(torch.int64).max
 _FLOAT32_INF_BITS = 0x7F800000
@@ -501,6 +503,15 @@ def interpolate(attr: torch.Tensor, frags: Fragments, tris: torch.Tensor) -> tor
     return _scatter_pixels(values, visible.pixel, batch * height * width).view(batch, height, width, -1)
 
 
+def _compiled_shading(verts_px: torch.Tensor, colors: torch.Tensor) -> bool:
+    """Whether render() shades in compiled code: CPU float32/float64 inputs that need no gradient, neither
+    backward (requires_grad under grad mode) nor forward-mode (dual tensors)."""
+    needs_grad = torch.is_grad_enabled() and (verts_px.requires_grad or colors.requires_grad)
+    dual = any(forward_ad.unpack_dual(x).tangent is not None for x in (verts_px, colors))
+    return (COMPILED_ON_CPU and verts_px.device.type == "cpu" and not needs_grad and not dual
+            and verts_px.dtype in _COMPILED_DTYPES and colors.dtype in _COMPILED_DTYPES)
+
+
 def render(verts_px: torch.Tensor, tris: torch.Tensor, colors: torch.Tensor, height: int, width: int) -> Rendered:
     """Rasterize and shade with per-vertex colours (no lighting here; colours arrive shaded).
 
@@ -518,8 +529,7 @@ def render(verts_px: torch.Tensor, tris: torch.Tensor, colors: torch.Tensor, hei
         raise ValueError(f"colors: expected floats on {verts_px.device}, got {colors.dtype} on {colors.device}")
     visible = _visible_pixels(verts_px, tris, height, width)
     n_pixels = batch * height * width
-    needs_grad = torch.is_grad_enabled() and (verts_px.requires_grad or colors.requires_grad)
-    if COMPILED_ON_CPU and verts_px.device.type == "cpu" and not needs_grad:
+    if _compiled_shading(verts_px, colors):
         image, depth = shade_covered_cpu(verts_px, colors, visible.vert_rows, visible.pixel_xy, visible.pixel, n_pixels)
     else:
         covered_bary, covered_depth = _covered_barycentrics(verts_px, visible)
