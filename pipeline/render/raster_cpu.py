@@ -104,8 +104,9 @@ def _zbuffer_items(verts, tris, sizes_w, sizes_h, subpixel, max_abs_sub, min_are
     verts: (B, V, 3) float32/float64 x_px, y_px, depth; tris: (F, 3) int64; sizes_w, sizes_h: (K,) int64 window
     sizes per axis (rasterize._window_sizes, the last one is the image size); subpixel: fixed-point units per
     px; max_abs_sub: snapped coordinates must lie below it; min_area2: float area2 below which a triangle is a
-    sliver (px^2); zbuf: (B, H, W) int64 packed keys, int64 max = empty, updated in place. Corners are unrolled
-    into scalars (k = 0, 1, 2): small arrays would live in memory, not registers."""
+    sliver (px^2); zbuf: (B, H, W) int64 packed keys, int64 max = empty, updated in place; fused:
+    torch_addcmul_is_fused() (the sliver test's cross products). Corners are unrolled into scalars (k = 0, 1, 2):
+    small arrays would live in memory, not registers."""
     height, width = zbuf.shape[1], zbuf.shape[2]
     inf_bits = np.int64(_FLOAT32_INF_BITS)
     one = np.float32(1.0)
@@ -313,9 +314,10 @@ def _threads() -> ThreadPoolExecutor:
 
 
 def _forget_threads() -> None:
-    """A forked child has none of the parent's threads: it makes its own pool if it needs one."""
-    global _pool
-    _pool = None
+    """A forked child has none of the parent's threads (nor a lock one of them held): it makes its own pool and
+    lock if it needs them."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_threads)
