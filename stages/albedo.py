@@ -49,7 +49,8 @@ def main() -> None:
         samples, weights = [], []
         for lo in tqdm(range(0, len(faces), p["batch_size"]), desc="albedo: fit + sample"):
             batch = faces_to_batch(faces.iloc[lo:lo + p["batch_size"]], torch.device("cpu"))
-            coeffs = fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, lmk_w, fit)
+            coeffs = fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, lmk_w, fit,
+                                      mesh_px=batch.mesh_px)
             reflectance, weight = reflectance_samples(decoder, coeffs, batch.photo, batch.face_mask)
             samples.append(reflectance.numpy())
             weights.append(weight.numpy())

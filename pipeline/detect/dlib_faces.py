@@ -51,10 +51,13 @@ def shape_predictor_68() -> dlib.shape_predictor:
 @dataclass(frozen=True)
 class Detection:
     """One detected face. box_px: (4,) float64 left, top, right, bottom in the photo's px (pixel centres at
-    integer coordinates); score: HOG decision value or MMOD confidence; detector: "hog" | "cnn"."""
+    integer coordinates); score: HOG decision value, MMOD or BlazeFace confidence; detector: its name
+    (pipeline.detect.faces.DETECTORS); keypoints_px: BlazeFace's (6, 2) photo px (eyes, nose tip, mouth centre,
+    ear tragions; subject's right first), None for dlib's detectors."""
     box_px: np.ndarray
     score: float
     detector: str
+    keypoints_px: np.ndarray | None = None
 
     @property
     def side_px(self) -> float:
@@ -73,11 +76,11 @@ def _run_detector(rgb: np.ndarray, detector: str, upsample: int, min_score: floa
 
 
 def detect_faces(rgb: np.ndarray, detector: str = "hog", upsample: int = 1, min_score: float = 0.0,
-                 max_side_px: int = 1600) -> list[Detection]:
+                 max_side_px: int = 1600, fallback: bool = True) -> list[Detection]:
     """Faces in a photo, largest first.
 
-    rgb: (H, W, 3) uint8 RGB. detector: "hog" (with the CNN, not upsampled, as fallback when HOG finds nothing)
-    or "cnn".
+    rgb: (H, W, 3) uint8 RGB. detector: "hog" (with the CNN, not upsampled, as fallback when HOG finds nothing
+    and `fallback`) or "cnn".
     upsample: times the detector doubles the image (finds faces down to ~40 px at 1, ~80 px at 0).
     min_score: keep detections scoring at least this. max_side_px: photos larger than this are detected on a
     downscaled copy (boxes mapped back), which bounds the cost of huge photos without losing faces of a useful
@@ -90,7 +93,7 @@ def detect_faces(rgb: np.ndarray, detector: str = "hog", upsample: int = 1, min_
     scale = min(1.0, max_side_px / max(rgb.shape[:2]))
     small = rgb if scale == 1.0 else cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     name, found = detector, _run_detector(small, detector, upsample, min_score)
-    if not found and detector == "hog":
+    if not found and detector == "hog" and fallback:
         # the fallback runs without upsampling (faces from ~80 px): each upsampling quadruples the CNN's cost,
         # already ~50x HOG's, and it runs on every photo without a face
         name, found = "cnn", _run_detector(small, "cnn", 0, min_score)

@@ -1,9 +1,13 @@
-"""Aligned crops -> 68 landmarks re-fitted in crop px (the `landmarks` stage).
+"""Aligned crops -> the 68 landmarks the reconstruction fits, in crop px (the `landmarks` stage).
 
-The photo landmarks only served to align; fitting again on the upright, normalised crop is what the
-reconstruction's landmark loss uses. The detection box mapped into the crop seeds the shape predictor, so no
-second detection can fail. A re-fit whose 5 alignment points land far from the template reveals a false or
-badly fitted detection, and the face is rejected.
+Two sources: dlib's shape predictor fitted on the upright, normalised crop, and the 468-point face mesh of the
+crop stage mapped to the 68 points (mesh68). `LandmarkSettings.source` chooses: "dlib", "mesh", or "fused"
+(default): dlib's points, which are the more precise on near-frontal photos, unless they disagree with the mesh's
+by more than `fuse_max_disagreement` (NME), as they do when dlib's predictor fails on a turned or occluded face
+(20-30 % NME), or the mesh's, which hold at every yaw. dlib's predictor is seeded by the detection box mapped
+into the crop for dlib's own detections, and for others by DLIB_BOX_CROP_PX, where dlib's HOG boxes land on
+aligned crops. A chosen set whose 5 alignment points land far from the template reveals a false or badly
+fitted detection, and the face is rejected.
 """
 from __future__ import annotations
 
@@ -16,23 +20,56 @@ import numpy as np
 from ..shards.accounting import Rejected, StageReport, reject_row
 from ..shards.image_bytes import decode_rgb
 from ..shards.stage_run import run_stage
-from ..shards.tables import LANDMARKS_SCHEMA, count_rows, iter_rows
+from ..shards.tables import LANDMARKS_SCHEMA, N_MESH, count_rows, iter_rows
 from .alignment import TEMPLATE_5PT_PX, five_points
 from .dlib_faces import fit_landmarks
+from .faces import DLIB_DETECTORS
+from .mesh68 import mesh_to_ibug68
 
 STAGE = "landmarks"
 OFF_TEMPLATE = "landmarks off template"
+SOURCES = ("dlib", "mesh", "fused")
+# mean HOG box of the 28 sample photos' aligned crops (std 8-10 px): left, top, right, bottom crop px
+DLIB_BOX_CROP_PX = np.array([35.0, 36.0, 187.0, 188.0])
 
 
 @dataclass(frozen=True)
 class LandmarkSettings:
-    """The `landmarks` params. max_template_px: reject a face whose re-fitted 5 points are further than this
-    from the template on average, crop px."""
+    """The `landmarks` params. source: "dlib" | "mesh" | "fused" (see the module doc); fuse_max_disagreement:
+    fused takes the mesh's points when dlib's differ from them by more than this NME (mean distance over the
+    sqrt(w h) of their box); min_mesh_score: below this face-mesh confidence fused keeps dlib's points;
+    max_template_px: reject a face whose chosen 5 points are further than this from the template on average,
+    crop px."""
+    source: str = "fused"
+    fuse_max_disagreement: float = 0.08
+    min_mesh_score: float = 0.5
     max_template_px: float = 12.0
 
     def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"landmarks.source must be one of {SOURCES}, got {self.source!r}")
+        if self.fuse_max_disagreement <= 0:
+            raise ValueError(f"landmarks.fuse_max_disagreement must be > 0, got {self.fuse_max_disagreement}")
+        if not 0.0 <= self.min_mesh_score <= 1.0:
+            raise ValueError(f"landmarks.min_mesh_score must be in [0, 1], got {self.min_mesh_score}")
         if self.max_template_px <= 0:
             raise ValueError(f"landmarks.max_template_px must be > 0, got {self.max_template_px}")
+
+
+def point_set_nme(a_px: np.ndarray, b_px: np.ndarray) -> float:
+    """Mean distance between two (68, 2) point sets over sqrt(w h) of b's box (the NME of a against b)."""
+    extent = b_px.max(0) - b_px.min(0)
+    return float(np.linalg.norm(a_px - b_px, axis=1).mean() / max(np.sqrt(extent[0] * extent[1]), 1e-9))
+
+
+def choose_landmarks(dlib_px: np.ndarray, mesh68_px: np.ndarray, mesh_score: float,
+                     settings: LandmarkSettings) -> tuple[np.ndarray, str]:
+    """The 68 points to fit and their source name ("dlib" | "mesh"). dlib_px, mesh68_px: (68, 2) crop px."""
+    if settings.source == "fused":
+        use_mesh = (mesh_score >= settings.min_mesh_score
+                    and point_set_nme(dlib_px, mesh68_px) > settings.fuse_max_disagreement)
+        return (mesh68_px, "mesh") if use_mesh else (dlib_px, "dlib")
+    return (dlib_px, "dlib") if settings.source == "dlib" else (mesh68_px, "mesh")
 
 
 def template_error_px(lmk_crop_px: np.ndarray) -> float:
@@ -40,31 +77,47 @@ def template_error_px(lmk_crop_px: np.ndarray) -> float:
     return float(np.linalg.norm(five_points(lmk_crop_px) - TEMPLATE_5PT_PX, axis=1).mean())
 
 
-def crop_landmarks(crop_rgb: np.ndarray, box_crop_px: np.ndarray, settings: LandmarkSettings) -> np.ndarray:
-    """68 landmarks of an aligned crop. crop_rgb: (224, 224, 3) uint8; box_crop_px: (4,) detection box in crop
-    px. Returns (68, 2) float32 crop px. Raises Rejected 'landmarks off template'."""
-    lmk_crop_px = fit_landmarks(crop_rgb, box_crop_px)
-    error = template_error_px(lmk_crop_px)
+def crop_landmarks(crop_rgb: np.ndarray, dlib_box_crop_px: np.ndarray, mesh_crop_px: np.ndarray, mesh_score: float,
+                   settings: LandmarkSettings) -> tuple[np.ndarray, np.ndarray, str]:
+    """The 68 landmarks of an aligned crop. crop_rgb: (224, 224, 3) uint8; dlib_box_crop_px: (4,) the box that seeds
+    dlib's predictor, crop px; mesh_crop_px: (468, 3) crop px; mesh_score: its confidence.
+    Returns (chosen (68, 2) float32 crop px, dlib's (68, 2) float32 crop px, source name).
+    Raises Rejected 'landmarks off template'."""
+    dlib_px = fit_landmarks(crop_rgb, dlib_box_crop_px)
+    chosen, source = choose_landmarks(dlib_px.astype(np.float64), mesh_to_ibug68(mesh_crop_px), mesh_score, settings)
+    error = template_error_px(chosen)
     if error > settings.max_template_px:
-        raise Rejected(OFF_TEMPLATE, f"5 points {error:.1f} px from the template > {settings.max_template_px}")
-    return lmk_crop_px
+        raise Rejected(OFF_TEMPLATE, f"5 points of the {source} landmarks {error:.1f} px from the template > "
+                                     f"{settings.max_template_px}")
+    return chosen.astype(np.float32), dlib_px, source
+
+
+def dlib_box_crop(row: dict) -> np.ndarray:
+    """The box seeding dlib's predictor on a crops-table row: its detection box for dlib's detectors, else
+    DLIB_BOX_CROP_PX (other detectors' boxes are framed differently from the boxes the predictor was trained on)."""
+    return np.asarray(row["box_crop"], np.float64) if row["detector"] in DLIB_DETECTORS else DLIB_BOX_CROP_PX
 
 
 def landmarks_task(row: dict, settings: LandmarkSettings) -> tuple[list[dict], list[dict]]:
-    """crop_landmarks on a crops-table row (id, source, crop, box_crop, score) as a stage task: ([{id, landmarks
-    (136,) float32 crop px, score}], []) or ([], [the face's reject row]); never raises."""
+    """crop_landmarks on a crops-table row (id, source, crop, box_crop, detector, mesh, mesh_score, score) as a
+    stage task: ([{id, landmarks, dlib_landmarks (136,) float32 crop px, landmarks_source, score}], []) or
+    ([], [the face's reject row]); never raises."""
     try:
-        lmk = crop_landmarks(decode_rgb(row["crop"]), np.asarray(row["box_crop"]), settings)
+        mesh = np.asarray(row["mesh"], np.float64).reshape(N_MESH, 3)
+        chosen, dlib_px, source = crop_landmarks(decode_rgb(row["crop"]), dlib_box_crop(row), mesh,
+                                                 float(row["mesh_score"]), settings)
     except Exception as error:  # noqa: BLE001 - a bad face becomes a reject row, never a crashed run
         return [], [reject_row(row["source"], STAGE, error, row["id"])]
-    return [{"id": row["id"], "landmarks": lmk.reshape(-1), "score": row["score"]}], []
+    return [{"id": row["id"], "landmarks": chosen.reshape(-1), "dlib_landmarks": dlib_px.reshape(-1),
+             "landmarks_source": source, "score": row["score"]}], []
 
 
 def run_landmarks(crops_path: Path, settings: LandmarkSettings, workers: int, landmarks_path: Path,
                   rejects_path: Path) -> StageReport:
     """The `landmarks` stage: crops table -> landmarks table (LANDMARKS_SCHEMA, in crop order) and its rejects.
     Returns the stage report (inputs = outputs + rejects = faces)."""
-    crops = iter_rows(crops_path, columns=["id", "source", "crop", "box_crop", "score"])
+    crops = iter_rows(crops_path, columns=["id", "source", "crop", "box_crop", "detector", "mesh", "mesh_score",
+                                           "score"])
     task = functools.partial(landmarks_task, settings=settings)
     return run_stage(STAGE, task, crops, count_rows(crops_path), workers, 64, landmarks_path, LANDMARKS_SCHEMA,
                      rejects_path)

@@ -1,4 +1,5 @@
-"""Sparse geometric term: weighted squared distances between projected and detected landmarks."""
+"""Geometric terms: weighted squared (or robust) distances between projected and detected landmarks, for the 68
+iBUG points and for the 468 points of MediaPipe's face mesh."""
 from __future__ import annotations
 
 import torch
@@ -20,15 +21,26 @@ def landmark_weights(nose_weight: float = 20.0, mouth_weight: float = 20.0) -> t
     return weights
 
 
-def landmark_loss(lmk_pred_px: torch.Tensor, lmk_gt_px: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Mean over images and points of weight x squared distance.
+def robust_squared(squared_px2: torch.Tensor, delta_px: float) -> torch.Tensor:
+    """Pseudo-Huber of squared distances: 2 delta^2 (sqrt(1 + d^2 / delta^2) - 1), px^2. Equal to d^2 for
+    d << delta and growing as 2 delta d beyond, so a few wrong points (an occluded or mislabelled one) pull with
+    a bounded force; delta_px = 0 returns d^2 unchanged (plain least squares)."""
+    if delta_px <= 0:
+        return squared_px2
+    return 2 * delta_px ** 2 * (torch.sqrt(1 + squared_px2 / delta_px ** 2) - 1)
+
+
+def landmark_loss(lmk_pred_px: torch.Tensor, lmk_gt_px: torch.Tensor, weights: torch.Tensor,
+                  delta_px: float = 0.0) -> torch.Tensor:
+    """Mean over images and points of weight x squared (robust_squared, delta_px > 0) distance.
 
     lmk_pred_px, lmk_gt_px: (B, N, 2) float pixels; weights: (N,) float. Returns a scalar in px^2:
-    sum_b,n w_n |pred - gt|^2 / (B N), as Deep3DFaceRecon's landmark_loss; 0 when B N = 0.
+    sum_b,n w_n rho(|pred - gt|^2) / (B N) (rho = identity for delta_px = 0: Deep3DFaceRecon's landmark_loss);
+    0 when B N = 0.
     """
     sizes: dict[str, int] = {}
     check_shape("lmk_pred_px", lmk_pred_px, ("B", "N", 2), sizes)
     check_shape("lmk_gt_px", lmk_gt_px, ("B", "N", 2), sizes)
     check_shape("weights", weights, ("N",), sizes)
-    squared = ((lmk_pred_px - lmk_gt_px) ** 2).sum(dim=-1)
+    squared = robust_squared(((lmk_pred_px - lmk_gt_px) ** 2).sum(dim=-1), delta_px)
     return (squared * weights).sum() / max(squared.numel(), 1)

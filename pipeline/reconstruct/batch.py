@@ -18,11 +18,12 @@ class FaceBatch:
     """Aligned faces as tensors on one device."""
     photo: torch.Tensor      # (B, 3, S, S) crops in [0, 1]
     face_mask: torch.Tensor  # (B, 1, S, S) in [0, 1]
-    lmk_px: torch.Tensor     # (B, 68, 2) detected landmarks, crop px
+    lmk_px: torch.Tensor     # (B, 68, 2) the landmarks to fit (landmarks.source), crop px
+    mesh_px: torch.Tensor    # (B, 468, 3) MediaPipe face mesh, crop px (z away from the camera)
 
     def __getitem__(self, faces: slice) -> "FaceBatch":
         """The faces of a slice (views, no copies)."""
-        return FaceBatch(self.photo[faces], self.face_mask[faces], self.lmk_px[faces])
+        return FaceBatch(self.photo[faces], self.face_mask[faces], self.lmk_px[faces], self.mesh_px[faces])
 
 
 def reconstruct_batch(decoder: FaceDecoder, batch: FaceBatch, method: str, fit: FitSettings, lmk_weights: torch.Tensor,
@@ -34,14 +35,16 @@ def reconstruct_batch(decoder: FaceDecoder, batch: FaceBatch, method: str, fit: 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "fit":
-        return fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, lmk_weights, fit)
+        return fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, lmk_weights, fit,
+                                mesh_px=batch.mesh_px)
     if network is None:
         raise ValueError(f"method {method!r} needs a trained network (models/rnet.pt)")
     with torch.no_grad():
         coeffs = network(batch.photo)
     if method == "network+fit":
         refine = replace(fit, full_steps=refine_steps)
-        return fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, lmk_weights, refine, init=coeffs)
+        return fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, lmk_weights, refine, init=coeffs,
+                                mesh_px=batch.mesh_px)
     return coeffs
 
 

@@ -1,15 +1,19 @@
 """Per-image analysis-by-synthesis: optimise coefficients of many faces at once with the training losses.
 
-Coarse to fine, as classic 3DMM fitting: first pose, translation, identity and expression against the
-landmarks alone (no rendering, cheap), then every group against the full hybrid loss.
+Coarse to fine, as classic 3DMM fitting: the pose starts from the face mesh's 3D points (a similarity fitted
+between the model's 468 corresponding points and the mesh, so a profile face starts in profile), then pose,
+translation, identity and expression are fitted against the landmarks alone (the 68 points and the 468 mesh
+points; no rendering, cheap), then every group against the full hybrid loss, which keeps both landmark terms.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from ..face_model import Coeffs, Decoded, FaceDecoder
+from ..face_model.decode import MM_TO_WORLD
 from ..losses import landmark_loss
 from ..losses.hybrid import LossWeights, hybrid_loss
 from ..render.face import FaceRender, render_face
@@ -18,14 +22,9 @@ LANDMARK_STAGE_GROUPS = ("id", "exp", "rot", "trans")
 
 
 def fitting_weights() -> LossWeights:
-    """Deep3DFaceRecon's weights without the landmark term in the full stage, measured on synthetic benchmarks
-    (yaw up to 60 deg, rigid-aligned mean vertex error, 200 full steps; seed 1, 25 faces, mean face 6.49 mm):
-    dlib's points place the face in the landmark stage, but they disagree with the model's landmark vertices
-    by ~8% NME even on the model's own renders, so refining shape against them pulls it off (landmark 1.6e-3:
-    7.16 mm, 1e-4: 5.10 mm, 0: 3.65 mm). The coefficient prior stays Deep3DFaceRecon's 3e-4 (1e-3: 4.03 mm,
-    3e-3: 4.51 mm at 100 steps, where 3e-4 gave 3.95 mm). Measured with the albedo model of the time: each
-    change of the fit rebuilds the albedo model and so the synthetic faces, which moves these numbers."""
-    return LossWeights(landmark=0.0)
+    """The full stage's default weights: Deep3DFaceRecon's, with both landmark terms robust. Chosen on the real
+    annotated photos and the synthetic benchmark together (README, reports/metrics.json); see params.yaml."""
+    return LossWeights(landmark=1.6e-3, mesh=1.6e-3, landmark_delta_px=4.0)
 
 
 @dataclass(frozen=True)
@@ -41,18 +40,33 @@ class FitSettings:
     # absorbs landmark noise (1e-3: 4.98 mm, 1e-2: 3.65 mm, 3e-2: 4.22 mm on the seed-1 benchmark).
     landmark_stage_weight: float = 1.6e-3
     landmark_stage_coefficient: float = 1.0e-2
+    landmark_stage_mesh_weight: float = 1.6e-3  # the 468 mesh points' term in the landmark stage
+    pose_from_mesh: bool = True                 # start the pose from the mesh's 3D points (else frontal)
+
+    def __post_init__(self):
+        for name in ("landmark_steps", "full_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"reconstruct.{name} must be an integer >= 0, got {value!r}")
+        for name in ("lr", "landmark_stage_weight", "landmark_stage_coefficient", "landmark_stage_mesh_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"reconstruct.{name} must be a number >= 0, got {value!r}")
 
     @classmethod
     def from_params(cls, section: dict) -> "FitSettings":
         """From the plain `reconstruct` parameter section (landmark_steps, full_steps, lr, loss_weights,
-        landmark_stage_weight, landmark_stage_coefficient)."""
+        landmark_stage_weight, landmark_stage_coefficient, landmark_stage_mesh_weight, pose_from_mesh)."""
         return cls(landmark_steps=section["landmark_steps"], full_steps=section["full_steps"], lr=section["lr"],
                    weights=LossWeights(**section["loss_weights"]),
                    landmark_stage_weight=section["landmark_stage_weight"],
-                   landmark_stage_coefficient=section["landmark_stage_coefficient"])
+                   landmark_stage_coefficient=section["landmark_stage_coefficient"],
+                   landmark_stage_mesh_weight=section["landmark_stage_mesh_weight"],
+                   pose_from_mesh=section["pose_from_mesh"])
 
 
-def _check_batch(photo: torch.Tensor, face_mask: torch.Tensor, lmk_px: torch.Tensor, size: int) -> None:
+def _check_batch(photo: torch.Tensor, face_mask: torch.Tensor, lmk_px: torch.Tensor, mesh_px: torch.Tensor | None,
+                 size: int) -> None:
     b = photo.shape[0]
     if photo.shape != (b, 3, size, size):
         raise ValueError(f"photo: expected (B, 3, {size}, {size}), got {tuple(photo.shape)}")
@@ -60,6 +74,8 @@ def _check_batch(photo: torch.Tensor, face_mask: torch.Tensor, lmk_px: torch.Ten
         raise ValueError(f"face_mask: expected ({b}, 1, {size}, {size}), got {tuple(face_mask.shape)}")
     if lmk_px.shape != (b, 68, 2):
         raise ValueError(f"lmk_px: expected ({b}, 68, 2), got {tuple(lmk_px.shape)}")
+    if mesh_px is not None and mesh_px.shape != (b, 468, 3):
+        raise ValueError(f"mesh_px: expected ({b}, 468, 3), got {tuple(mesh_px.shape)}")
 
 
 def _group_mask(decoder: FaceDecoder, groups: tuple[str, ...], like: torch.Tensor) -> torch.Tensor:
@@ -69,23 +85,74 @@ def _group_mask(decoder: FaceDecoder, groups: tuple[str, ...], like: torch.Tenso
     return torch.cat(parts, dim=1)
 
 
+def _rotation_to_euler(rotation: torch.Tensor) -> torch.Tensor:
+    """rotation: (B, 3, 3) = Rz(roll) @ Ry(yaw) @ Rx(pitch) -> (B, 3) pitch, yaw, roll in radians."""
+    yaw = torch.asin((-rotation[:, 2, 0]).clamp(-1.0, 1.0))
+    pitch = torch.atan2(rotation[:, 2, 1], rotation[:, 2, 2])
+    roll = torch.atan2(rotation[:, 1, 0], rotation[:, 0, 0])
+    return torch.stack([pitch, yaw, roll], dim=1)
+
+
+def pose_from_mesh(decoder: FaceDecoder, mesh_px: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """`start` (B, C) with rotation and translation set from a detected face mesh.
+
+    mesh_px: (B, 468, 3) crop px: x right, y down, z away from the camera in px (MediaPipe's axes). A weighted
+    similarity (Umeyama; weights FaceDecoder.mesh468_weight) maps the model's 468 corresponding points of its
+    mean shape (mm; x right, y up, z towards the camera) onto the mesh flipped to those axes. Its rotation is the
+    pose; under the weak-perspective reading of the camera its scale s (px per mm) gives the depth,
+    f * MM_TO_WORLD / s = distance - t_z, and the mesh centroid gives t_x, t_y. Identity and expression stay as in
+    `start`: the landmark stage fits them, and the pose with them.
+    """
+    corners_mm = decoder.mean_shape[decoder.mesh468_vertices][decoder.mesh468_corners]  # (468, 3 corners, 3)
+    src = (corners_mm * decoder.mesh468_barycentric[..., None]).sum(1).to(mesh_px.dtype)  # (468, 3) mm
+    dst = mesh_px * mesh_px.new_tensor([1.0, -1.0, -1.0])
+    w = (decoder.mesh468_weight / decoder.mesh468_weight.sum()).to(mesh_px.dtype)
+    mu_src, mu_dst = w @ src, torch.einsum("n,bnd->bd", w, dst)
+    a, b = src - mu_src, dst - mu_dst[:, None]
+    cov = torch.einsum("n,bni,nj->bij", w, b, a)
+    u, sig, vt = torch.linalg.svd(cov)
+    d = torch.ones_like(sig)
+    d[:, -1] = torch.sign(torch.linalg.det(u @ vt))
+    rotation = u @ torch.diag_embed(d) @ vt
+    scale = (sig * d).sum(1) / (w @ (a ** 2).sum(1))  # crop px per mm
+    camera = decoder.camera
+    depth = camera.focal_px * MM_TO_WORLD / scale  # distance - t_z, world units
+    # the model origin sits at the mesh centroid minus the rotated, scaled model centroid (px, y up)
+    origin_px = mu_dst - scale[:, None] * torch.einsum("bij,j->bi", rotation, mu_src)
+    trans = torch.stack([(origin_px[:, 0] - camera.center_px) * depth / camera.focal_px,
+                         (origin_px[:, 1] + camera.center_px) * depth / camera.focal_px,
+                         camera.distance - depth], dim=1)
+    c = decoder.layout.split(start.detach().clone())
+    c.rot.copy_(_rotation_to_euler(rotation))
+    c.trans.copy_(trans)
+    return decoder.layout.join(c)
+
+
 def fit_coefficients(decoder: FaceDecoder, photo: torch.Tensor, face_mask: torch.Tensor, lmk_px: torch.Tensor,
                      lmk_weights: torch.Tensor, settings: FitSettings, init: torch.Tensor | None = None,
-                     ) -> torch.Tensor:
+                     mesh_px: torch.Tensor | None = None) -> torch.Tensor:
     """Fit B faces jointly (one tensor, one optimiser; the loss is a per-face sum so faces stay independent).
 
     photo: (B, 3, S, S) crops in [0, 1]; face_mask: (B, 1, S, S) in [0, 1]; lmk_px: (B, 68, 2) crop pixels;
-    lmk_weights: (68,); init: (B, C) start coefficients (default: the mean face, frontal).
+    lmk_weights: (68,); init: (B, C) start coefficients (default: the mean face, posed from the mesh when
+    settings.pose_from_mesh, else frontal); mesh_px: (B, 468, 3) the detected face mesh, crop px (None: no mesh
+    terms; they also need the face model's 468-point correspondence).
     Returns coefficients (B, C), detached.
     """
     size = decoder.camera.size_px
-    _check_batch(photo, face_mask, lmk_px, size)
+    _check_batch(photo, face_mask, lmk_px, mesh_px, size)
+    if mesh_px is not None and not decoder.has_mesh468:
+        mesh_px = None  # a face model without the correspondence (an old or user-made .npz) fits the 68 alone
     b = photo.shape[0]
     coeffs = decoder.layout.zeros(b, photo.device, photo.dtype) if init is None else init.detach().clone()
+    if init is None and mesh_px is not None and settings.pose_from_mesh:
+        coeffs = pose_from_mesh(decoder, mesh_px, coeffs)
+    mesh_xy = mesh_px[..., :2] if mesh_px is not None else None
     w = settings.weights
     if settings.landmark_steps > 0:
         coeffs = fit_to_landmarks(decoder, coeffs, lmk_px, lmk_weights, settings.landmark_steps, settings.lr,
-                                  settings.landmark_stage_weight, settings.landmark_stage_coefficient)
+                                  settings.landmark_stage_weight, settings.landmark_stage_coefficient,
+                                  mesh_xy, settings.landmark_stage_mesh_weight, w.landmark_delta_px)
     coeffs.requires_grad_(True)
 
     # A gradient spike (a pixel on a nearly edge-on triangle: barycentric derivatives grow as 1 / area) fills
@@ -95,7 +162,8 @@ def fit_coefficients(decoder: FaceDecoder, photo: torch.Tensor, face_mask: torch
     best, best_loss = coeffs.detach().clone(), torch.full((b,), float("inf"), device=coeffs.device, dtype=coeffs.dtype)
     for step in range(settings.full_steps + 1):
         face = render_face(decoder, coeffs)
-        loss = face_totals(per_face_terms(decoder, face, coeffs, photo, face_mask, lmk_px, lmk_weights, w), w)
+        terms = per_face_terms(decoder, face, coeffs, photo, face_mask, lmk_px, lmk_weights, w, mesh_xy)
+        loss = face_totals(terms, w)
         with torch.no_grad():
             improved = loss < best_loss
             best[improved], best_loss[improved] = coeffs[improved], loss[improved]
@@ -108,19 +176,26 @@ def fit_coefficients(decoder: FaceDecoder, photo: torch.Tensor, face_mask: torch
 
 
 def fit_to_landmarks(decoder: FaceDecoder, start: torch.Tensor, lmk_px: torch.Tensor, lmk_weights: torch.Tensor,
-                     steps: int, lr: float, landmark_weight: float, coefficient_weight: float) -> torch.Tensor:
+                     steps: int, lr: float, landmark_weight: float, coefficient_weight: float,
+                     mesh_px: torch.Tensor | None = None, mesh_weight: float = 0.0,
+                     delta_px: float = 0.0) -> torch.Tensor:
     """The landmark stage: Adam on pose, translation, identity and expression (LANDMARK_STAGE_GROUPS) against
-    landmarks alone, no rendering. start: (B, C); lmk_px: (B, 68, 2) crop px; lmk_weights: (68,); the loss is
-    landmark_weight x landmark_loss + coefficient_weight x (|id|^2 + |exp|^2) per face. Returns (B, C), detached."""
+    landmarks alone, no rendering. start: (B, C); lmk_px: (B, 68, 2) crop px; lmk_weights: (68,); mesh_px:
+    (B, 468, 2) the detected face mesh, crop px, or None. The loss per face is landmark_weight x landmark_loss
+    + mesh_weight x the mesh points' landmark_loss (weights FaceDecoder.mesh468_weight) + coefficient_weight x
+    (|id|^2 + |exp|^2); delta_px > 0 makes the point terms robust. Returns (B, C), detached."""
     coeffs = start.detach().clone().requires_grad_(True)
     b = coeffs.shape[0]
     grad_mask = _group_mask(decoder, LANDMARK_STAGE_GROUPS, coeffs)
+    use_mesh = mesh_px is not None and mesh_weight > 0
     opt = torch.optim.Adam([coeffs], lr=lr)
     for _ in range(steps):
         c = decoder.layout.split(coeffs)
         lmk = decoder.landmark_px(c)
-        loss = b * (landmark_weight * landmark_loss(lmk, lmk_px, lmk_weights)
-                    + coefficient_weight * (c.id.square().sum() + c.exp.square().sum()) / b)
+        loss = landmark_weight * landmark_loss(lmk, lmk_px, lmk_weights, delta_px)
+        if use_mesh:
+            loss = loss + mesh_weight * landmark_loss(decoder.mesh468_px(c), mesh_px, decoder.mesh468_weight, delta_px)
+        loss = b * (loss + coefficient_weight * (c.id.square().sum() + c.exp.square().sum()) / b)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         coeffs.grad.mul_(grad_mask)
@@ -135,14 +210,22 @@ def face_totals(terms: dict[str, torch.Tensor], weights: LossWeights) -> torch.T
 
 def per_face_terms(decoder: FaceDecoder, face: FaceRender, coeffs: torch.Tensor, photo: torch.Tensor,
                    face_mask: torch.Tensor, lmk_px: torch.Tensor, lmk_weights: torch.Tensor,
-                   weights: LossWeights) -> dict[str, torch.Tensor]:
+                   weights: LossWeights, mesh_px: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The unweighted hybrid loss terms of each face of a rendered batch: {name: (B,)}. face: the render of
-    coeffs (B, C); the other tensors as in fit_coefficients. Rendering once and mapping hybrid_loss over the faces
-    as batches of one (torch.func.vmap: the same terms as a loop over faces, in a few batched ops) keeps this cheap."""
-    def one_face(face_i: FaceRender, coeffs_i: Coeffs, photo_i, face_mask_i, lmk_px_i) -> dict[str, torch.Tensor]:
+    coeffs (B, C); mesh_px: (B, 468, 2) crop px or None (no "mesh" term); the other tensors as in fit_coefficients.
+    Rendering once and mapping hybrid_loss over the faces as batches of one (torch.func.vmap: the same terms as a
+    loop over faces, in a few batched ops) keeps this cheap."""
+    with_mesh = mesh_px is not None and weights.mesh > 0 and decoder.has_mesh468
+    mesh_pred = decoder.mesh468_px(decoder.layout.split(coeffs)) if with_mesh else lmk_px[:, :0]
+    mesh_target = mesh_px if with_mesh else lmk_px[:, :0]
+
+    def one_face(face_i: FaceRender, coeffs_i: Coeffs, photo_i, face_mask_i, lmk_px_i, mesh_pred_i, mesh_i):
         face_1 = FaceRender(Decoded(*(t[None] for t in face_i.decoded)), *(t[None] for t in face_i[1:]))
         _, terms = hybrid_loss(face_1, Coeffs(*(t[None] for t in coeffs_i)), photo_i[None], face_mask_i[None],
-                               lmk_px_i[None], lmk_weights, decoder.face_region, weights)
+                               lmk_px_i[None], lmk_weights, decoder.face_region, weights,
+                               mesh_pred_px=mesh_pred_i[None] if with_mesh else None,
+                               mesh_px=mesh_i[None] if with_mesh else None, mesh_weights=decoder.mesh468_weight)
         return terms
 
-    return torch.func.vmap(one_face)(face, decoder.layout.split(coeffs), photo, face_mask, lmk_px)
+    return torch.func.vmap(one_face)(face, decoder.layout.split(coeffs), photo, face_mask, lmk_px, mesh_pred,
+                                     mesh_target)

@@ -52,12 +52,19 @@ def _unit_float(images_u8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images_u8).to(torch.float32).div_(255.0)
 
 
+def _points(column: pd.Series, shape: tuple[int, int]) -> np.ndarray:
+    """A column of flat float lists -> (rows, *shape) float32."""
+    return np.stack([np.asarray(x, np.float32).reshape(shape) for x in column])
+
+
 def faces_to_batch(faces: pd.DataFrame, device: torch.device) -> FaceBatch:
-    """Rows with `crop` (JPEG), `mask` (PNG) and `landmarks` (68x2 crop px) -> FaceBatch on `device`."""
+    """Rows with `crop` (JPEG), `mask` (PNG), `landmarks` (68x2 crop px) and `mesh` (468x3 crop px) -> FaceBatch
+    on `device`."""
     photo = _unit_float(_decode_all(decode_rgb, faces["crop"]))
     mask = _unit_float(_decode_all(decode_grey, faces["mask"]))
-    lmk = np.stack([np.asarray(x, np.float32).reshape(68, 2) for x in faces["landmarks"]])
-    return FaceBatch(photo.permute(0, 3, 1, 2).to(device), mask[:, None].to(device), torch.from_numpy(lmk).to(device))
+    return FaceBatch(photo.permute(0, 3, 1, 2).to(device), mask[:, None].to(device),
+                     torch.from_numpy(_points(faces["landmarks"], (68, 2))).to(device),
+                     torch.from_numpy(_points(faces["mesh"], (468, 3))).to(device))
 
 
 def file_stem(face_id: str) -> str:
@@ -69,28 +76,40 @@ def file_stem(face_id: str) -> str:
 def face_rows(decoder: FaceDecoder, coeffs: torch.Tensor, batch: FaceBatch, faces: pd.DataFrame, method: str,
               lmk_weights: torch.Tensor, weights: LossWeights) -> tuple[list[dict], FaceRender]:
     """One table row per face: ids, the crop's 2x3 photo -> crop transform (6 values, row-major), coefficient
-    groups, Euler angles in degrees, landmarks (projected, in crop and ORIGINAL-photo px; dlib's in photo px), the
-    identity+expression mesh (mm), masked PSNR and the loss terms.
+    groups, Euler angles in degrees, landmarks, the identity+expression mesh (mm), masked PSNR and the loss terms.
+    Landmarks, (68, 2) flattened, ORIGINAL-photo px unless named crop: `lmk_px` / `lmk_crop_px` ours with the jaw
+    on the 2D silhouette (iBUG / 300-W .pts convention), `lmk3d_px` ours at the fixed 3D landmark vertices
+    (AFLW2000-3D convention), `input_lmk_px` the points the fit used (landmarks.source; `landmarks_source` says
+    which), `dlib_lmk_px` dlib's, `mesh_lmk_px` the face mesh's 68 (pipeline.detect.mesh68).
     Returns the rows and the render (B faces) they were measured on."""
+    from ..detect.mesh68 import mesh_to_ibug68  # numpy only; pipeline.detect's package import would load dlib
+
     with torch.no_grad():
         face = render_face(decoder, coeffs)
-        terms = per_face_terms(decoder, face, coeffs, batch.photo, batch.face_mask, batch.lmk_px, lmk_weights, weights)
+        terms = per_face_terms(decoder, face, coeffs, batch.photo, batch.face_mask, batch.lmk_px, lmk_weights, weights,
+                               batch.mesh_px[..., :2])
         psnr = masked_psnr(face.image, batch.photo, batch.face_mask * face.mask)
+        lmk3d_crop = decoder.landmark3d_px(decoder.layout.split(coeffs)).cpu().numpy()
     # whole-batch arrays once; each row takes its face's slice
     c = decoder.layout.split(coeffs.detach())
     coeff_groups = {f"coeff_{name}": getattr(c, name).cpu().numpy().astype(np.float32) for name in c._fields}
     angles_deg = np.degrees(c.rot.cpu().numpy())
     lmk_crop = face.decoded.lmk_px.cpu().numpy()
-    lmk_dlib = batch.lmk_px.cpu().numpy()
+    lmk_input = batch.lmk_px.cpu().numpy()
+    mesh_crop = batch.mesh_px.cpu().numpy()
     verts_model = face.decoded.verts_model.cpu().numpy().astype(np.float32).reshape(len(coeffs), -1)
     loss_terms = {f"loss_{k}": v.cpu().numpy() for k, v in terms.items()}
     rows = []
     # plain lists per column: itertuples costs ~1 ms per call, Python time that holds the GIL
-    meta = {name: faces[name].tolist() for name in ("id", "source", "face_index", "transform")}
+    meta = {name: faces[name].tolist() for name in ("id", "source", "face_index", "transform", "dlib_landmarks",
+                                                    "landmarks_source")}
     for i in range(len(faces)):
         transform = np.asarray(meta["transform"][i], np.float64).reshape(2, 3)
         pitch, yaw, roll = angles_deg[i]
-        lmk_photo, dlib_photo = np.split(crop_to_photo_px(np.concatenate([lmk_crop[i], lmk_dlib[i]]), transform), 2)
+        sets = [lmk_crop[i], lmk3d_crop[i], lmk_input[i], np.asarray(meta["dlib_landmarks"][i]).reshape(68, 2),
+                mesh_to_ibug68(mesh_crop[i])]
+        lmk_photo, lmk3d_photo, input_photo, dlib_photo, mesh_photo = np.split(
+            crop_to_photo_px(np.concatenate(sets), transform), len(sets))
         row = {"id": meta["id"][i], "source": meta["source"][i], "face_index": int(meta["face_index"][i]),
                "method": method, "files_stem": file_stem(meta["id"][i]), "transform": transform.reshape(-1)}
         row.update({name: group[i] for name, group in coeff_groups.items()})
@@ -98,7 +117,11 @@ def face_rows(decoder: FaceDecoder, coeffs: torch.Tensor, batch: FaceBatch, face
             pitch_deg=float(pitch), yaw_deg=float(yaw), roll_deg=float(roll),
             lmk_crop_px=lmk_crop[i].astype(np.float32).reshape(-1),
             lmk_px=lmk_photo.astype(np.float32).reshape(-1),
+            lmk3d_px=lmk3d_photo.astype(np.float32).reshape(-1),
+            input_lmk_px=input_photo.astype(np.float32).reshape(-1),
+            landmarks_source=meta["landmarks_source"][i],
             dlib_lmk_px=dlib_photo.astype(np.float32).reshape(-1),
+            mesh_lmk_px=mesh_photo.astype(np.float32).reshape(-1),
             verts_model=verts_model[i],
             masked_psnr=float(psnr[i]))
         row.update({name: float(values[i]) for name, values in loss_terms.items()})
@@ -109,7 +132,7 @@ def face_rows(decoder: FaceDecoder, coeffs: torch.Tensor, batch: FaceBatch, face
 def write_face_files(folder: Path, faces: pd.DataFrame, rows: list[dict], face: FaceRender, photo: torch.Tensor,
                      decoder: FaceDecoder, which: FaceOutputs) -> None:
     """Per face: `<stem>.obj` (identity+expression mesh in mm, photo-textured where visible), `<stem>_overlay.png`
-    (the render on the ORIGINAL photo) and `<stem>_crop.png` (aligned crop, dlib landmarks green, model red)."""
+    (the render on the ORIGINAL photo) and `<stem>_crop.png` (aligned crop, the fitted landmarks green, model red)."""
     if not (which.meshes or which.overlays or which.crops):
         return
     visible = visible_vertices(face, decoder.triangles, decoder.mean_shape.shape[0]).cpu().numpy()
@@ -130,8 +153,8 @@ def write_face_files(folder: Path, faces: pd.DataFrame, rows: list[dict], face: 
                           overlay_on_photo(original, render, face.mask[i, 0].cpu().numpy(), meta.transform))
         if which.crops:
             lmk_fit = np.asarray(row["lmk_crop_px"]).reshape(68, 2)
-            lmk_dlib = np.asarray(faces["landmarks"].iloc[i], np.float32).reshape(68, 2)
-            write_png(stem.parent / f"{stem.name}_crop.png", draw_landmarks(crop, lmk_dlib, lmk_fit))
+            lmk_input = np.asarray(faces["landmarks"].iloc[i], np.float32).reshape(68, 2)
+            write_png(stem.parent / f"{stem.name}_crop.png", draw_landmarks(crop, lmk_input, lmk_fit))
 
 
 def read_source_photo(path: str) -> np.ndarray | None:

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 N_LANDMARKS = 68
+N_MESH = 468
 
 _FACE_META = [
     ("id", pa.string()),
@@ -20,24 +21,29 @@ _FACE_META = [
     ("face_index", pa.int32()),     # 0 = largest detection of the photo
 ]
 _PHOTO_META = [
-    ("score", pa.float32()),        # dlib detection score (HOG decision value or MMOD confidence)
-    ("detector", pa.string()),      # "hog" | "cnn"
+    ("score", pa.float32()),        # detection score (BlazeFace confidence, HOG decision value or MMOD confidence)
+    ("detector", pa.string()),      # blazeface_full | blazeface_short | hog | cnn
     ("width", pa.int32()),          # original photo size, px, after EXIF orientation
     ("height", pa.int32()),
 ]
 TRANSFORM = pa.list_(pa.float64(), 6)                  # 2x3 similarity, original-photo px -> crop px, row-major
 LANDMARKS = pa.list_(pa.float32(), 2 * N_LANDMARKS)    # (68, 2) crop px, row-major (x0, y0, x1, y1, ...)
+MESH = pa.list_(pa.float32(), 3 * N_MESH)              # (468, 3) MediaPipe face mesh, crop px (z: + away from camera)
+_MESH_COLUMNS = [("mesh", MESH), ("mesh_score", pa.float32())]  # face-presence confidence of the mesh, [0, 1]
+_LANDMARK_COLUMNS = [
+    ("landmarks", LANDMARKS),                          # the 68 points the fit uses (landmarks.source)
+    ("dlib_landmarks", LANDMARKS),                     # dlib's 68 points on the crop
+    ("landmarks_source", pa.string()),                 # which points `landmarks` are: "dlib" | "mesh"
+]
 
 CROPS_SCHEMA = pa.schema(_FACE_META + [
     ("crop", pa.binary()),                             # 224x224 RGB JPEG
     ("transform", TRANSFORM),
     ("box_crop", pa.list_(pa.float32(), 4)),           # detection box mapped into the crop: left, top, right, bottom
-] + _PHOTO_META)
-LANDMARKS_SCHEMA = pa.schema([("id", pa.string()), ("landmarks", LANDMARKS), ("score", pa.float32())])
+] + _MESH_COLUMNS + _PHOTO_META)
+LANDMARKS_SCHEMA = pa.schema([("id", pa.string())] + _LANDMARK_COLUMNS + [("score", pa.float32())])
 MASKS_SCHEMA = pa.schema([("id", pa.string()), ("mask", pa.binary()), ("method", pa.string())])
-SHARD_SCHEMA = pa.schema(_FACE_META + [
-    ("crop", pa.binary()),
-    ("landmarks", LANDMARKS),
+SHARD_SCHEMA = pa.schema(_FACE_META + [("crop", pa.binary())] + _LANDMARK_COLUMNS + _MESH_COLUMNS + [
     ("mask", pa.binary()),                             # 224x224 uint8 PNG, soft face weights 0..255
     ("transform", TRANSFORM),
 ] + _PHOTO_META)
