@@ -12,12 +12,13 @@ from scipy.io import loadmat, savemat
 
 from pipeline.face_model import (N_MESH468, CoeffLayout, FaceDecoder, FaceModelError, euler_to_rotation,
                                  load_face_model, no_mesh468, project, save_face_model, sh_shading)
+from pipeline.evaluate.now import point_to_mesh_distance  # an independent (Ericson) closest-point search
 from pipeline.face_model.bfm import BFM_VERTS, EXP_VERTS, FRONT_VERTS, convert_bfm
 from pipeline.face_model.format import MESH468_ARRAYS, outward_winding
 from pipeline.face_model.mediapipe_mesh import (ANCHORS, Surface, closest_on_triangles, read_canonical_obj,
                                                 register_canonical, with_mesh468)
 from pipeline.face_model.sfm import similarity_fit
-from conftest import AUX_DIR, MEDIAPIPE_OBJ
+from conftest import AUX_DIR, MEDIAPIPE_OBJ, REPO_ROOT
 
 
 def test_sfm_sizes(sfm):
@@ -392,6 +393,7 @@ def test_closest_surface_points_match_brute_force(sfm):
     bary = closest_on_triangles(points[q], corners[t, 0], corners[t, 1], corners[t, 2])
     naive = np.linalg.norm((bary[:, :, None] * corners[t]).sum(1) - points[q], axis=1).reshape(len(points), -1)
     np.testing.assert_allclose(found.distance, naive.min(1), atol=1e-9)
+    np.testing.assert_allclose(found.distance, point_to_mesh_distance(points, sfm.mean_shape, sfm.triangles), atol=1e-9)
     np.testing.assert_allclose(np.linalg.norm(found.point - points, axis=1), found.distance, atol=1e-9)
 
 
@@ -510,3 +512,21 @@ def test_mesh468_points_of_a_frontal_mean_face_look_like_a_face(sfm):
     assert abs(y.max() - lmk[8, 1]) < 1.0
     left = x > lmk[30, 0]
     assert 200 < left.sum() < 268  # the 468 points are left/right symmetric about the nose
+
+
+def test_face_model_stage_writes_the_correspondence(sfm, tmp_path, monkeypatch):
+    import yaml
+    from stages import face_model as stage
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    p = params["face_model"]
+    assert (REPO_ROOT / p["mediapipe_obj"]).resolve() == MEDIAPIPE_OBJ.resolve()
+    for key in ("sfm_dir", "bfm_aux_dir", "mediapipe_obj"):
+        p[key] = str((REPO_ROOT / p[key]).resolve())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"face_model": p}))
+    out = tmp_path / "face_model.npz"
+    monkeypatch.setattr("sys.argv", ["face_model", "--params", str(tmp_path / "params.yaml"), "--out", str(out)])
+    stage.main()
+    written = load_face_model(out)
+    for key in written.__dataclass_fields__:
+        a, b = getattr(written, key), getattr(sfm, key)
+        assert a == b if isinstance(a, str) else np.array_equal(a, b), key
