@@ -121,15 +121,14 @@ def outer_border_edges(verts: np.ndarray, tris: np.ndarray) -> np.ndarray:
     loop_len = np.bincount(label[border[:, 0]], weights=length, minlength=n)
     outer = border[label[border[:, 0]] == np.argmax(loop_len)]
     opposite = np.sort(tris[:, [1, 2, 2, 0, 0, 1]].reshape(-1, 3, 2), axis=2)  # edge opposite corner 0, 1, 2
-    key = lambda e: e[..., 0] * n + e[..., 1]  # noqa: E731
-    return np.isin(key(opposite), key(outer))
+    return np.isin(opposite[..., 0] * n + opposite[..., 1], outer[:, 0] * n + outer[:, 1])
 
 
 class Surface:
     """A triangle mesh prepared for closest-point queries: verts (V, 3) mm, tris (F, 3) int64."""
 
     def __init__(self, verts: np.ndarray, tris: np.ndarray):
-        self.verts, self.tris = np.asarray(verts, np.float64), tris
+        self.verts = np.asarray(verts, np.float64)
         self.corners = self.verts[tris]  # (F, 3, 3)
         centroid = self.corners.mean(1)
         self.radius = np.sqrt(((self.corners - centroid[:, None]) ** 2).sum(-1)).max(1)
