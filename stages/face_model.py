@@ -1,4 +1,5 @@
-"""Stage `face_model`: convert the chosen morphable model (params face_model.source) to models/face_model.npz."""
+"""Stage `face_model`: convert the chosen morphable model (params face_model.source) to models/face_model.npz, with
+the MediaPipe 468-point correspondence registered from face_model.mediapipe_obj."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,7 @@ import yaml
 
 from pipeline.face_model import save_face_model
 from pipeline.face_model.bfm import convert_bfm
+from pipeline.face_model.mediapipe_mesh import with_mesh468
 from pipeline.face_model.sfm import convert_sfm
 
 
@@ -26,9 +28,11 @@ def main() -> None:
         model = convert_bfm(p["bfm_mat"], p["bfm_exp_bin"], p["bfm_aux_dir"])
     else:
         raise SystemExit(f"face_model.source must be 'sfm' or 'bfm', got {p['source']!r}")
+    model = with_mesh468(model, p["mediapipe_obj"])
     save_face_model(model, args.out)
     print(f"{model.name}: {model.n_verts} vertices, {len(model.triangles)} triangles, "
-          f"K_id={model.k_id} K_exp={model.k_exp} K_alb={model.k_alb} -> {args.out}")
+          f"K_id={model.k_id} K_exp={model.k_exp} K_alb={model.k_alb}, "
+          f"{int((model.mesh468_weight > 0).sum())}/468 MediaPipe points weighted -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -13,14 +13,17 @@ FACES = SHARED / "samples" / "faces"
 ANNOTATED = SHARED / "samples" / "annotated"
 SFM_DIR = SHARED / "face_models" / "sfm"
 AUX_DIR = SHARED / "face_models" / "bfm_aux"
+MEDIAPIPE_OBJ = SHARED / "face_models" / "mediapipe" / "canonical_face_model.obj"
 
 
 @pytest.fixture(scope="session")
 def sfm():
-    """The default face model as the face_model stage converts it (Surrey Face Model 3448, uniform albedo)."""
+    """The default face model as the face_model stage builds it (Surrey Face Model 3448, uniform albedo, with the
+    MediaPipe 468-point correspondence)."""
+    from pipeline.face_model.mediapipe_mesh import with_mesh468
     from pipeline.face_model.sfm import convert_sfm
 
-    return convert_sfm(SFM_DIR, AUX_DIR, (0.72, 0.53, 0.44))
+    return with_mesh468(convert_sfm(SFM_DIR, AUX_DIR, (0.72, 0.53, 0.44)), MEDIAPIPE_OBJ)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,11 +10,15 @@ import pytest
 import torch
 from scipy.io import loadmat, savemat
 
-from pipeline.face_model import (CoeffLayout, FaceDecoder, FaceModelError, euler_to_rotation, load_face_model,
-                                 save_face_model, sh_shading)
+from pipeline.face_model import (N_MESH468, CoeffLayout, FaceDecoder, FaceModelError, euler_to_rotation,
+                                 load_face_model, no_mesh468, project, save_face_model, sh_shading)
+from pipeline.evaluate.now import point_to_mesh_distance  # an independent (Ericson) closest-point search
 from pipeline.face_model.bfm import BFM_VERTS, EXP_VERTS, FRONT_VERTS, convert_bfm
+from pipeline.face_model.format import MESH468_ARRAYS, outward_winding
+from pipeline.face_model.mediapipe_mesh import (ANCHORS, Surface, closest_on_triangles, read_canonical_obj,
+                                                register_canonical, with_mesh468)
 from pipeline.face_model.sfm import similarity_fit
-from conftest import AUX_DIR
+from conftest import AUX_DIR, MEDIAPIPE_OBJ, REPO_ROOT
 
 
 def test_sfm_sizes(sfm):
@@ -141,6 +146,7 @@ def test_bfm_converter_on_generated_inputs(fake_bfm):
                                rtol=1e-6)
     keypoints = loadmat(str(AUX_DIR / "facemodel_info.mat"))["keypoints"].astype(np.int64).ravel() - 1
     np.testing.assert_array_equal(model.landmarks, keypoints)
+    assert model.mesh468_triangle.shape == (0,) and not model.has_mesh468  # the face_model stage adds it
 
 
 def test_bfm_converter_rejects_wrong_inputs(fake_bfm, tmp_path):
@@ -271,3 +277,256 @@ def test_saved_bytes_depend_on_the_arrays_only(sfm, tmp_path):
     time.sleep(2.1)  # zip timestamps have a 2 s resolution
     save_face_model(sfm, tmp_path / "b.npz")
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+
+
+# ---------------------------------------------------------------- MediaPipe 468-point correspondence
+
+def _raw(model):
+    """The model as a converter returns it: no 468-point correspondence (N = 0)."""
+    return replace(model, **no_mesh468())
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda a: a.update(mesh468_triangle=a["mesh468_triangle"][:100]), "mesh468_triangle: expected 0 or 468"),
+    (lambda a: a.update(mesh468_weight=a["mesh468_weight"][:467]), "mesh468_weight: 467 points"),
+    (lambda a: a.update(mesh468_triangle=a["mesh468_triangle"].astype(np.int32)), "mesh468_triangle: expected dtype"),
+    (lambda a: a["mesh468_triangle"].__setitem__(7, 6736), "mesh468_triangle: triangle indices must lie in"),
+    (lambda a: a["mesh468_barycentric"].__setitem__((3, 0), -0.1), "mesh468_barycentric: negative"),
+    (lambda a: a["mesh468_barycentric"].__setitem__((3, 0), a["mesh468_barycentric"][3, 0] + 1e-4),
+     "mesh468_barycentric: rows must sum to 1"),
+    (lambda a: a["mesh468_weight"].__setitem__(0, 1.5), "mesh468_weight: values outside [0, 1]"),
+    (lambda a: a["mesh468_barycentric"].__setitem__((0, 0), np.nan), "mesh468_barycentric: contains NaN"),
+])
+def test_loader_rejects_corrupt_correspondence(sfm, tmp_path, corrupt, message):
+    test_loader_rejects_corrupt_files(sfm, tmp_path, corrupt, message)
+
+
+def test_old_face_model_files_ask_for_a_rerun(sfm, tmp_path):
+    arrays = {k: np.array(getattr(sfm, k)) for k in sfm.__dataclass_fields__ if not k.startswith("mesh468_")}
+    path = tmp_path / "old.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(FaceModelError) as err:
+        load_face_model(path)
+    assert "missing arrays ['mesh468_barycentric', 'mesh468_triangle', 'mesh468_weight']" in str(err.value)
+    assert "dvc repro face_model" in str(err.value)
+
+
+def test_correspondence_survives_saving_and_model_copies(sfm, tmp_path):
+    save_face_model(sfm, tmp_path / "m.npz")
+    back = load_face_model(tmp_path / "m.npz")
+    coloured = sfm.with_albedo(sfm.mean_albedo * 0.5, np.zeros((3 * sfm.n_verts, 1), np.float32), "test")
+    for model in (back, coloured):
+        for key in MESH468_ARRAYS:
+            np.testing.assert_array_equal(getattr(model, key), getattr(sfm, key))
+    assert back.has_mesh468 and not _raw(sfm).has_mesh468
+    save_face_model(_raw(sfm), tmp_path / "raw.npz")
+    assert load_face_model(tmp_path / "raw.npz").mesh468_triangle.shape == (0,)
+
+
+def test_with_mesh468_adds_only_the_correspondence(sfm):
+    raw = _raw(sfm)
+    added = with_mesh468(raw, MEDIAPIPE_OBJ)
+    for key in raw.__dataclass_fields__:
+        if key in MESH468_ARRAYS:
+            np.testing.assert_array_equal(getattr(added, key), getattr(sfm, key))  # deterministic
+        else:
+            assert getattr(added, key) is getattr(raw, key), key
+    assert added.mesh468_triangle.shape == (N_MESH468,) and added.mesh468_barycentric.dtype == np.float32
+
+
+def test_canonical_obj_frame_and_anchor_vertices():
+    """The OBJ is in model-space axes (x to the image right, y up, z to the camera, CCW from +z) and each anchor is
+    what its name says: the ends of MediaPipe's eye and outer-lip contours (paths of mesh edges), the lowest and
+    the most anterior vertex."""
+    verts, tris = read_canonical_obj(MEDIAPIPE_OBJ)
+    assert verts.shape == (468, 3) and tris.shape == (898, 3)
+    np.testing.assert_array_equal(outward_winding(verts, tris), tris)
+    edges = {tuple(e) for e in np.sort(tris[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1).tolist()}
+    contours = {  # MediaPipe's FACEMESH_RIGHT_EYE / LEFT_EYE / LIPS chains, outer corner first
+        (33, 133): [[33, 246, 161, 160, 159, 158, 157, 173, 133], [33, 7, 163, 144, 145, 153, 154, 155, 133]],
+        (263, 362): [[263, 466, 388, 387, 386, 385, 384, 398, 362], [263, 249, 390, 373, 374, 380, 381, 382, 362]],
+        (61, 291): [[61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291],
+                    [61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291]],
+    }
+    for (a, b), chains in contours.items():
+        for chain in chains:
+            assert all(tuple(sorted(e)) in edges for e in zip(chain, chain[1:])), chain
+            x = verts[chain, 0]
+            assert {chain[int(np.argmin(x))], chain[int(np.argmax(x))]} == {a, b}, chain
+    assert verts[33, 0] < verts[133, 0] < 0 < verts[362, 0] < verts[263, 0]  # subject's right eye at image left
+    lines = MEDIAPIPE_OBJ.read_text().splitlines()
+    uv = np.array([[float(w) for w in line.split()[1:3]] for line in lines if line.startswith("vt ")])
+    corners = [w.split("/") for line in lines if line.startswith("f ") for w in line.split()[1:]]
+    u = {int(v) - 1: uv[int(t) - 1, 0] for v, t in corners}
+    assert u[33] < 0.5 < u[263]  # and so in the texture (canonical_face_model_uv_visualization.png)
+    assert verts[61, 0] < 0 < verts[291, 0]
+    for right, left in ((33, 263), (133, 362), (61, 291)):
+        np.testing.assert_allclose(verts[left], verts[right] * [-1, 1, 1], atol=1e-4)
+    assert int(np.argmin(verts[:, 1])) == 152 and int(np.argmax(verts[:, 2])) == 4
+    assert set(ANCHORS) == {4, 152, 33, 133, 362, 263, 61, 291}
+    assert np.linalg.norm(verts[33] - verts[263]) == pytest.approx(89, abs=1)  # cm in the file, mm here
+
+
+def test_closest_point_on_triangles_matches_dense_sampling():
+    rng = np.random.default_rng(0)
+    a, b, c = rng.normal(0, 1, (3, 200, 3))
+    p = rng.normal(0, 1.5, (200, 3))
+    bary = closest_on_triangles(p, a, b, c)
+    assert bary.min() >= 0 and np.allclose(bary.sum(1), 1)
+    dist = np.linalg.norm(bary[:, :1] * a + bary[:, 1:2] * b + bary[:, 2:] * c - p, axis=1)
+    u, v = np.meshgrid(np.linspace(0, 1, 201), np.linspace(0, 1, 201))
+    u, v = u[u + v <= 1], v[u + v <= 1]
+    samples = (1 - u - v)[None, :, None] * a[:, None] + u[None, :, None] * b[:, None] + v[None, :, None] * c[:, None]
+    naive = np.linalg.norm(samples - p[:, None], axis=2).min(1)
+    assert np.all(dist <= naive + 1e-12)
+    assert np.all(naive - dist < 0.02)  # the grid's spacing: 1/200 of an edge ~ 0.01
+
+
+def test_closest_surface_points_match_brute_force(sfm):
+    rng = np.random.default_rng(1)
+    surface = Surface(sfm.mean_shape, sfm.triangles)
+    points = sfm.mean_shape[rng.choice(sfm.n_verts, 300)] + rng.normal(0, 6, (300, 3))
+    found = surface.closest(points)
+    corners = surface.corners
+    q = np.repeat(np.arange(len(points)), len(corners))
+    t = np.tile(np.arange(len(corners)), len(points))
+    bary = closest_on_triangles(points[q], corners[t, 0], corners[t, 1], corners[t, 2])
+    naive = np.linalg.norm((bary[:, :, None] * corners[t]).sum(1) - points[q], axis=1).reshape(len(points), -1)
+    np.testing.assert_allclose(found.distance, naive.min(1), atol=1e-9)
+    np.testing.assert_allclose(found.distance, point_to_mesh_distance(points, sfm.mean_shape, sfm.triangles), atol=1e-9)
+    np.testing.assert_allclose(np.linalg.norm(found.point - points, axis=1), found.distance, atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def registration(sfm):
+    verts, tris = read_canonical_obj(MEDIAPIPE_OBJ)
+    return register_canonical(verts, tris, _raw(sfm))
+
+
+def test_registration_anchors_land_on_their_landmark_vertices(sfm, registration):
+    for vertex, ibug in ANCHORS.items():
+        target = sfm.mean_shape[sfm.landmarks[ibug]]
+        assert np.linalg.norm(registration.surface.point[vertex] - target) < 1.0, (vertex, ibug)  # measured <= 0.3
+    # the pure similarity already puts each anchor within a few mm (measured <= 5.3 mm, the outer eye corners)
+    for vertex, ibug in ANCHORS.items():
+        assert np.linalg.norm(registration.rigid[vertex] - sfm.mean_shape[sfm.landmarks[ibug]]) < 6.0, vertex
+    assert registration.scale == pytest.approx(0.94, abs=0.02)  # the canonical face is ~6% larger than SFM's mean
+
+
+def test_registration_residuals_are_small_where_weighted(sfm, registration):
+    """The canonical face after the similarity lies within 1.0 mm (mean; 3.1 mm at the 95th percentile, 5.1 mm
+    at most, the upper inner lip over SFM's mouth slit) of the SFM mean surface. A wrong anchor (e.g. a swapped
+    eye) would tilt or flip the fit and leave many points centimetres off."""
+    w = registration.weight
+    rigid = registration.rigid_surface.distance[w > 0]
+    assert w.min() > 0.95 and (w == 1).sum() >= 460  # SFM's mesh (ears to neck) covers the whole canonical face
+    assert rigid.mean() < 1.5 and np.percentile(rigid, 95) < 4.0 and rigid.max() < 6.0
+    final = registration.surface.distance[w > 0]  # after the smooth non-rigid step (measured mean 0.6, max 3.0)
+    assert final.mean() < 1.0 and final.max() < 4.0
+    assert np.all(final <= registration.rigid_surface.distance[w > 0] + 1.0)
+
+
+def test_registered_correspondence_is_valid_barycentric(sfm):
+    bary = sfm.mesh468_barycentric.astype(np.float64)
+    assert bary.shape == (468, 3) and bary.min() >= 0 and np.abs(bary.sum(1) - 1).max() < 1e-6
+    assert sfm.mesh468_triangle.min() >= 0 and sfm.mesh468_triangle.max() < len(sfm.triangles)
+    assert 0 <= sfm.mesh468_weight.min() and sfm.mesh468_weight.max() == 1
+
+
+def test_points_beyond_the_model_mesh_get_zero_weight(sfm):
+    """A model cut above the brows (y > 45 mm) has no counterpart for MediaPipe's forehead points."""
+    tris = sfm.triangles[sfm.mean_shape[sfm.triangles][:, :, 1].max(1) < 45.0]
+    cut = replace(_raw(sfm), triangles=tris)
+    verts, canon_tris = read_canonical_obj(MEDIAPIPE_OBJ)
+    reg = register_canonical(verts, canon_tris, cut)
+    forehead = [10, 151, 9, 109, 338, 67, 297]
+    assert np.all(reg.weight[forehead] == 0)
+    below = reg.rigid[:, 1] < 30.0  # well inside the cut mesh
+    assert reg.weight[below].min() > 0.95
+    assert 0 < (reg.weight == 0).sum() < 150
+
+
+# ---------------------------------------------------------------- decoding the 468 points and the 3D landmarks
+
+def test_mesh468_and_landmark3d_match_the_full_decode(sfm):
+    dec = FaceDecoder(sfm)
+    coeffs = torch.randn(3, dec.layout.size, generator=torch.Generator().manual_seed(0)) * 0.3
+    c = dec.layout.split(coeffs)
+    out = dec(coeffs)
+    px = out.verts_px[..., :2].numpy().astype(np.float64)
+    corners = sfm.triangles[sfm.mesh468_triangle]
+    naive = (px[:, corners] * sfm.mesh468_barycentric[None, :, :, None]).sum(2)
+    np.testing.assert_allclose(dec.mesh468_px(c).numpy(), naive, atol=2e-3)
+    np.testing.assert_allclose(dec.landmark3d_px(c).numpy(), px[:, sfm.landmarks], atol=2e-3)
+    # the exact projection of the interpolated 3D point is within 0.01 px of the interpolated projections
+    cam = (out.verts_cam.numpy().astype(np.float64)[:, corners] * sfm.mesh468_barycentric[None, :, :, None]).sum(2)
+    exact = project(torch.from_numpy(cam), dec.camera)[..., :2].numpy()
+    assert np.abs(exact - naive).max() < 0.01
+
+
+def test_mesh468_and_landmark3d_gradients(sfm):
+    dec = FaceDecoder(sfm).double()
+    base = dec.layout.zeros(2, dtype=torch.float64)
+    picks = [0, 5, dec.layout.k_id + 1, dec.layout.size - 33, dec.layout.size - 31, dec.layout.size - 3,
+             dec.layout.size - 1]  # id 0, id 5, exp 1, pitch, roll, x and z translation
+
+    def through(fn):
+        def f(x):
+            return fn(dec.layout.split(base.index_put((torch.arange(2)[:, None], torch.tensor(picks)), x)))
+        return f
+
+    x = torch.randn(2, len(picks), dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.2
+    x.requires_grad_(True)
+    assert dec.mesh468_barycentric.dtype == torch.float64
+    # fast mode: random projections of the (B, 468, 2) outputs instead of one backward pass per output
+    assert torch.autograd.gradcheck(through(dec.mesh468_px), (x,), eps=1e-6, atol=1e-5, fast_mode=True)
+    assert torch.autograd.gradcheck(through(dec.landmark3d_px), (x,), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def test_mesh468_needs_a_correspondence(sfm):
+    dec = FaceDecoder(_raw(sfm))
+    assert not dec.has_mesh468 and dec.mesh468_weight.shape == (0,)
+    with pytest.raises(ValueError, match="no MediaPipe 468-point correspondence.*dvc repro face_model"):
+        dec.mesh468_px(dec.layout.split(dec.layout.zeros(1)))
+    FaceDecoder(sfm).load_state_dict(dec.state_dict())  # the correspondence is not decoder state
+
+
+def test_mesh468_points_of_a_frontal_mean_face_look_like_a_face(sfm):
+    dec = FaceDecoder(sfm)
+    c = dec.layout.split(dec.layout.zeros(1))
+    pts, lmk = dec.mesh468_px(c)[0].numpy(), dec.landmark3d_px(c)[0].numpy()
+    for vertex, ibug in ANCHORS.items():
+        assert np.linalg.norm(pts[vertex] - lmk[ibug]) < 1.0, (vertex, ibug)  # measured <= 0.3 px (~1 px per mm)
+    x, y = pts[:, 0], pts[:, 1]
+    assert 2 < pts[1, 1] - lmk[30, 1] < 8  # MediaPipe's point 1 sits on the underside of the nose tip (4.8 px)
+    for contour, ibug in (([159, 145, 33, 133], range(36, 42)), ([386, 374, 263, 362], range(42, 48))):
+        assert np.linalg.norm(pts[contour].mean(0) - lmk[list(ibug)].mean(0)) < 2.0  # eye centres (1.2 px)
+    for lid, ibug in ((159, [37, 38]), (145, [40, 41]), (386, [43, 44]), (374, [46, 47])):  # mid upper/lower lids
+        assert np.linalg.norm(pts[lid] - lmk[ibug].mean(0)) < 4.0, lid  # measured 3.2 px: SFM's eyes open wider
+    assert y[159] < y[145] and y[386] < y[374]
+    assert y[10] < y[9] < y[168] < y[4] < y[0] < y[17] < y[152]  # forehead, brows, bridge, tip, lips, chin
+    assert np.abs(x[[10, 9, 168, 4, 0, 17, 152]] - lmk[[27, 30, 33, 8]][:, 0].mean()).max() < 1.5  # on the midline
+    outline = lmk[:17]
+    # MediaPipe's face oval spans the jaw outline (measured within 0.8 px), its lowest point is the chin
+    assert np.abs([x.min() - outline[:, 0].min(), x.max() - outline[:, 0].max()]).max() < 3.0
+    assert abs(y.max() - lmk[8, 1]) < 1.0
+    left = x > lmk[30, 0]
+    assert 200 < left.sum() < 268  # the 468 points are left/right symmetric about the nose
+
+
+def test_face_model_stage_writes_the_correspondence(sfm, tmp_path, monkeypatch):
+    import yaml
+    from stages import face_model as stage
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    p = params["face_model"]
+    assert (REPO_ROOT / p["mediapipe_obj"]).resolve() == MEDIAPIPE_OBJ.resolve()
+    for key in ("sfm_dir", "bfm_aux_dir", "mediapipe_obj"):
+        p[key] = str((REPO_ROOT / p[key]).resolve())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"face_model": p}))
+    out = tmp_path / "face_model.npz"
+    monkeypatch.setattr("sys.argv", ["face_model", "--params", str(tmp_path / "params.yaml"), "--out", str(out)])
+    stage.main()
+    written = load_face_model(out)
+    for key in written.__dataclass_fields__:
+        a, b = getattr(written, key), getattr(sfm, key)
+        assert a == b if isinstance(a, str) else np.array_equal(a, b), key

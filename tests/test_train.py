@@ -15,7 +15,7 @@ import yaml
 from scipy.io import loadmat
 from torch import nn
 
-from pipeline.face_model import CoeffLayout, FaceModel, load_face_model
+from pipeline.face_model import CoeffLayout, FaceModel, load_face_model, no_mesh468
 from pipeline.train import (IBUG_FLIP, AugmentSettings, Dist, TrainConfig, TrainPaths, load_rnet, load_rnet_record,
                             sample_similarity, train, warp)
 from pipeline.train.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
@@ -143,7 +143,7 @@ def tiny_face_model() -> FaceModel:
         exp_basis=rng.normal(0, 0.5, (3 * v, 2)).astype(np.float32),
         mean_albedo=np.full((v, 3), 0.6, np.float32), albedo_basis=rng.normal(0, 0.05, (3 * v, 2)).astype(np.float32),
         triangles=np.asarray(tris, np.int64), landmarks=rng.choice(v, 68, replace=False).astype(np.int64),
-        face_region=np.ones(v, np.float32), name="tiny", version="test", licence="test")
+        face_region=np.ones(v, np.float32), **no_mesh468(), name="tiny", version="test", licence="test")
 
 
 def tiny_faces(n: int, seed: int = 0, nan_at: tuple[int, ...] = ()) -> list[dict]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from scipy.io import loadmat
 
-from .format import FaceModel, FaceModelError, outward_winding
+from .format import FaceModel, FaceModelError, no_mesh468, outward_winding
 
 BFM_VERTS = 53490
 EXP_VERTS = 53215
@@ -105,5 +105,6 @@ def convert_bfm(morphable_model_mat: str | Path, exp_pca_bin: str | Path, bfm_au
         mean_shape=mean.astype(np.float32), id_basis=id_basis.astype(np.float32),
         exp_basis=exp_basis.astype(np.float32), mean_albedo=albedo.astype(np.float32),
         albedo_basis=alb_basis.astype(np.float32), triangles=tris, landmarks=keypoints, face_region=skin,
+        **no_mesh468(),
         name="Basel Face Model 2009 (front) + 3DFace expressions", version="bfm09-front-80id-64exp-80alb",
         licence=BFM_LICENCE)

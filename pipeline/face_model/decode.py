@@ -208,6 +208,14 @@ class FaceDecoder(nn.Module):
         self.register_buffer("landmarks", torch.from_numpy(model.landmarks))
         self.register_buffer("jaw_candidates", torch.from_numpy(jaw_contour_candidates(model.mean_shape,
                                                                                        model.landmarks)))
+        # The 468-point correspondence (empty when not derived) is fixed data of the face model, never trained:
+        # kept out of the state dict so that snapshots from before it existed still load.
+        # mesh468_vertices (U,): the corner vertices used; mesh468_corners (468, 3): each point's corners among them
+        vertices, corners = np.unique(model.triangles[model.mesh468_triangle], return_inverse=True)
+        self.register_buffer("mesh468_vertices", torch.from_numpy(vertices), persistent=False)
+        self.register_buffer("mesh468_corners", torch.from_numpy(corners.reshape(-1, 3)), persistent=False)
+        self.register_buffer("mesh468_barycentric", torch.from_numpy(model.mesh468_barycentric), persistent=False)
+        self.register_buffer("mesh468_weight", torch.from_numpy(model.mesh468_weight), persistent=False)
 
     def shape(self, id_coeff: torch.Tensor, exp_coeff: torch.Tensor) -> torch.Tensor:
         """id_coeff: (B, K_id), exp_coeff: (B, K_exp) -> verts_model (B, V, 3) mm."""
@@ -234,13 +242,39 @@ class FaceDecoder(nn.Module):
         jaw_ids = torch.tensor(JAW_RIGHT + JAW_LEFT, device=px.device)
         return px[:, :n].index_copy(1, jaw_ids, jaw)
 
-    def landmark_px(self, c: Coeffs) -> torch.Tensor:
-        """The projected 68 landmarks (B, 68, 2) px from split coefficients, without decoding the whole mesh."""
-        ids = self._landmark_vertex_ids()
+    def vertices_px(self, c: Coeffs, ids: torch.Tensor) -> torch.Tensor:
+        """The projections (B, N, 2) px of the vertices ids (N,) int64, decoding only those vertices."""
         rows = (ids[:, None] * 3 + torch.arange(3, device=ids.device)).reshape(-1)
         offsets = c.id @ self.id_basis[rows].T + c.exp @ self.exp_basis[rows].T
         verts_model = self.mean_shape[ids] + offsets.view(-1, len(ids), 3)
-        return self._landmarks_from(project(self.pose(verts_model, c.rot, c.trans), self.camera)[..., :2])
+        return project(self.pose(verts_model, c.rot, c.trans), self.camera)[..., :2]
+
+    def landmark_px(self, c: Coeffs) -> torch.Tensor:
+        """The projected 68 landmarks (B, 68, 2) px, jaw points on the silhouette (the 2D 300-W convention),
+        from split coefficients, without decoding the whole mesh."""
+        return self._landmarks_from(self.vertices_px(c, self._landmark_vertex_ids()))
+
+    def landmark3d_px(self, c: Coeffs) -> torch.Tensor:
+        """The projected 68 landmark vertices (B, 68, 2) px, jaw points NOT moved to the silhouette: the fixed
+        3D points of the AFLW2000-3D convention (landmark_px is the 2D silhouette convention)."""
+        return self.vertices_px(c, self.landmarks)
+
+    @property
+    def has_mesh468(self) -> bool:
+        """Whether the face model carries the MediaPipe 468-point correspondence."""
+        return self.mesh468_corners.shape[0] > 0
+
+    def mesh468_px(self, c: Coeffs) -> torch.Tensor:
+        """MediaPipe's 468 face-mesh points on this model, projected: (B, 468, 2) px. Each point is the
+        barycentric interpolation of its triangle's three projected corners (decoding only those vertices);
+        the exact projection of the interpolated 3D point differs by the perspective across one triangle,
+        < 0.01 px for a face at the default camera. Weigh residuals by `mesh468_weight` (468,)."""
+        if not self.has_mesh468:
+            raise ValueError("this face model has no MediaPipe 468-point correspondence (mesh468_* arrays are "
+                             "empty): add it with pipeline.face_model.mediapipe_mesh.with_mesh468, or rerun "
+                             "`dvc repro face_model`")
+        corners_px = self.vertices_px(c, self.mesh468_vertices)[:, self.mesh468_corners]  # (B, 468, 3, 2)
+        return (corners_px * self.mesh468_barycentric[None, :, :, None]).sum(2)
 
     def forward(self, coeffs: torch.Tensor) -> Decoded:
         """coeffs: (B, layout.size) -> Decoded (see its fields for shapes and units)."""

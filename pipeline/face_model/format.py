@@ -11,6 +11,10 @@ Arrays (float32 unless noted), V vertices, F triangles, K_* components (any K ma
 - landmarks    (68,) int64     vertex index of each iBUG-68 landmark (0-based iBUG order)
 - face_region  (V,)            skin weight in [0, 1] (1 = cheek/forehead skin; used by the albedo
                                flatness loss and albedo statistics)
+- mesh468_triangle    (N,) int64  the model triangle under each of MediaPipe's 468 face-mesh points
+- mesh468_barycentric (N, 3)      the point's barycentric coordinates in that triangle (>= 0, sum 1)
+- mesh468_weight      (N,)        its fitting weight in [0, 1] (0 = no counterpart on this model)
+                                  N = 468, or 0 when the correspondence was not derived (mediapipe_mesh.py)
 plus 0-d strings: name, version, licence.
 """
 from __future__ import annotations
@@ -24,6 +28,9 @@ from pathlib import Path
 import numpy as np
 
 N_LANDMARKS = 68
+N_MESH468 = 468
+MESH468_ARRAYS = ("mesh468_triangle", "mesh468_barycentric", "mesh468_weight")
+BARYCENTRIC_TOL = 1e-5
 _STRINGS = ("name", "version", "licence")
 
 
@@ -41,6 +48,9 @@ class FaceModel:
     triangles: np.ndarray
     landmarks: np.ndarray
     face_region: np.ndarray
+    mesh468_triangle: np.ndarray
+    mesh468_barycentric: np.ndarray
+    mesh468_weight: np.ndarray
     name: str
     version: str
     licence: str
@@ -64,10 +74,21 @@ class FaceModel:
     def k_alb(self) -> int:
         return self.albedo_basis.shape[1]
 
+    @property
+    def has_mesh468(self) -> bool:
+        """Whether the MediaPipe 468-point correspondence was derived (N = 468, not 0)."""
+        return self.mesh468_triangle.shape[0] == N_MESH468
+
     def with_albedo(self, mean_albedo: np.ndarray, albedo_basis: np.ndarray, version: str) -> "FaceModel":
         """A copy with a new colour model: mean_albedo (V, 3) in [0, 1], albedo_basis (V*3, K_alb)."""
         return replace(self, mean_albedo=np.asarray(mean_albedo, np.float32),
                        albedo_basis=np.asarray(albedo_basis, np.float32), version=version)
+
+
+def no_mesh468() -> dict[str, np.ndarray]:
+    """The mesh468_* arrays of a model without the 468-point correspondence (N = 0), as FaceModel keywords."""
+    return {"mesh468_triangle": np.zeros(0, np.int64), "mesh468_barycentric": np.zeros((0, 3), np.float32),
+            "mesh468_weight": np.zeros(0, np.float32)}
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -95,6 +116,9 @@ def validate_face_model(m: FaceModel) -> None:
         "triangles": (np.int64, (None, 3)),
         "landmarks": (np.int64, (N_LANDMARKS,)),
         "face_region": (np.float32, (v,)),
+        "mesh468_triangle": (np.int64, (None,)),
+        "mesh468_barycentric": (np.float32, (None, 3)),
+        "mesh468_weight": (np.float32, (None,)),
     }
     for key, (dtype, shape) in expected.items():
         arr = getattr(m, key)
@@ -110,6 +134,26 @@ def validate_face_model(m: FaceModel) -> None:
                f"{key}: vertex indices must lie in [0, {v}), got [{arr.min()}, {arr.max()}]")
     _check(m.mean_albedo.min() >= 0 and m.mean_albedo.max() <= 1, "mean_albedo: values outside [0, 1]")
     _check(m.face_region.min() >= 0 and m.face_region.max() <= 1, "face_region: values outside [0, 1]")
+    _validate_mesh468(m)
+
+
+def _validate_mesh468(m: FaceModel) -> None:
+    """The mesh468_* arrays (dtypes and ranks already checked): one length N in {0, 468}, triangle ids in range,
+    barycentrics >= 0 summing to 1 within BARYCENTRIC_TOL, weights in [0, 1]."""
+    n = m.mesh468_triangle.shape[0]
+    _check(n in (0, N_MESH468), f"mesh468_triangle: expected 0 or {N_MESH468} points, got {n}")
+    for key in MESH468_ARRAYS[1:]:
+        _check(getattr(m, key).shape[0] == n, f"{key}: {getattr(m, key).shape[0]} points, mesh468_triangle has {n}")
+    if n == 0:
+        return
+    tri, bary, weight = m.mesh468_triangle, m.mesh468_barycentric, m.mesh468_weight
+    f = m.triangles.shape[0]
+    _check(tri.min() >= 0 and tri.max() < f,
+           f"mesh468_triangle: triangle indices must lie in [0, {f}), got [{tri.min()}, {tri.max()}]")
+    _check(bary.min() >= 0, "mesh468_barycentric: negative coordinates")
+    _check(np.abs(bary.astype(np.float64).sum(1) - 1).max() <= BARYCENTRIC_TOL,
+           f"mesh468_barycentric: rows must sum to 1 within {BARYCENTRIC_TOL}")
+    _check(weight.min() >= 0 and weight.max() <= 1, "mesh468_weight: values outside [0, 1]")
 
 
 def save_face_model(model: FaceModel, path: str | Path) -> None:
@@ -142,7 +186,8 @@ def load_face_model(path: str | Path) -> FaceModel:
     with data:
         names = {f.name for f in fields(FaceModel)}
         missing, extra = sorted(names - set(data.files)), sorted(set(data.files) - names)
-        _check(not missing, f"{path}: missing arrays {missing}")
+        _check(not missing, f"{path}: missing arrays {missing} (an older face model format: rerun "
+                            "`dvc repro face_model`)")
         _check(not extra, f"{path}: unexpected arrays {extra}")
         values = {k: (str(data[k]) if k in _STRINGS else data[k]) for k in names}
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from scipy.io import loadmat
 
-from .format import N_LANDMARKS, FaceModel, outward_winding
+from .format import N_LANDMARKS, FaceModel, no_mesh468, outward_winding
 
 SFM_LICENCE = ("Surrey Face Model: free for non-commercial (research) use only; see the eos project "
                "(github.com/patrikhuber/eos). eos code: Apache-2.0.")
@@ -105,6 +105,6 @@ def convert_sfm(sfm_dir: str | Path, bfm_aux_dir: str | Path, albedo_rgb: tuple[
         mean_shape=mean.astype(np.float32), id_basis=id_basis, exp_basis=exp_basis,
         mean_albedo=np.tile(np.asarray(albedo_rgb, np.float32), (n, 1)),
         albedo_basis=np.zeros((3 * n, 0), np.float32), triangles=tris, landmarks=landmarks,
-        face_region=skin_region(mean, landmarks),
+        face_region=skin_region(mean, landmarks), **no_mesh468(),
         name="Surrey Face Model 3448", version="sfm3448-shape+6exp", licence=SFM_LICENCE)
 
