@@ -1,13 +1,18 @@
 """Stage `evaluate`: ground-truth benchmarks with the eos peer in the same run -> reports/metrics.json.
 
 - Synthetic benchmark: data/synth/truth.parquet vs the `reconstruct_synth` output (the full path: detection,
-  alignment, fitting). eos fits the SAME dlib landmarks that reconstruction recorded (`dlib_lmk_px`), so both
-  methods see identical detections. Vertex errors: per face, the mean (and median) distance over the face region
-  after a Procrustes alignment (evaluate.alignment), then the mean over faces.
-- Annotated photos (evaluate.annotations, .pts/.mat): landmark NME of our projected landmarks and of dlib's,
-  from the `reconstruct_annotated` output; an undetected face counts in landmark_nme_missed.
-  landmark_nme_model_floor: the face model's own landmarks fitted to the ground truth (no prior), the floor
-  under any reconstruction's landmark_nme with that model.
+  alignment, fitting). eos fits the dlib landmarks that reconstruction recorded (`dlib_lmk_px`; the fit's own
+  `input_lmk_px` on a face dlib did not run on), so both methods see the same detections. Vertex errors: per
+  face, the mean (and median) distance over the face region after a Procrustes alignment (evaluate.alignment),
+  then the mean over faces; also per |yaw| bin (synthetic_by_yaw: faces, detected, NMEs, vertex errors), and
+  the count of faces whose landmark NME exceeds 10% (all, and up to 75 deg of yaw).
+- Annotated photos (evaluate.annotations, .pts/.mat): the annotated face is the reconstruction that overlaps
+  its ground-truth box most (IoU, at least benchmark.MIN_FACE_IOU; else it counts in landmark_nme_missed).
+  Landmark NME (all 68 points, and the inner 51) of ours in the annotation's convention (.pts: lmk_px, jaw on
+  the silhouette; .mat: lmk3d_px, fixed 3D points), of dlib's, the face mesh's and the fit's input, from the
+  `reconstruct_annotated` output; landmark_nme_inner_best_input: the better single detector's inner NME, the
+  one to beat. landmark_nme_model_floor: the face model's own landmarks fitted to the ground truth (no prior),
+  the floor under any reconstruction's landmark_nme with that model.
 - Real photos: masked PSNR, the mean of the `reconstruct` stage's per-face values.
 
 Direction of the ratios: vertex_error_vs_eos = ours / eos (< 1: we are more accurate); fit_speed_vs_eos =
@@ -27,8 +32,8 @@ import pandas as pd
 import yaml
 
 from pipeline.evaluate.annotations import find_annotations
-from pipeline.evaluate.benchmark import (N_LANDMARKS, add_peer_scores, annotated_metrics, annotated_scores,
-                                         stack_column, synthetic_metrics, synthetic_scores)
+from pipeline.evaluate.benchmark import (add_peer_scores, annotated_metrics, annotated_scores, landmark_column,
+                                         synthetic_metrics, synthetic_scores)
 from pipeline.evaluate.eos_baseline import SFM_VERTS, EosFitter
 from pipeline.evaluate.landmark_floor import model_landmark_floor
 from pipeline.face_model import FaceDecoder, load_face_model
@@ -42,9 +47,14 @@ def seconds_per_face(summary_path: Path) -> float | None:
 
 
 def run_eos(scores: pd.DataFrame, truth: pd.DataFrame, recon: pd.DataFrame, fitter: EosFitter) -> tuple:
-    """eos on each scored face's recorded dlib landmarks: (verts (N, 3448, 3) mm, lmk (N, 68, 2) px, seconds (N,))."""
+    """eos on each scored face's recorded landmarks: (verts (N, 3448, 3) mm, lmk (N, 68, 2) px, seconds (N,)).
+
+    dlib's 68 (dlib_lmk_px), the detector eos is built for; a face dlib did not run on (all NaN) gets the points
+    our fit used instead (input_lmk_px), so the peer still fits every scored face."""
     canvas = truth.set_index("file").loc[scores["file"], "canvas_px"].to_numpy()
-    lmk = stack_column(recon.loc[scores["recon_row"], "dlib_lmk_px"], (N_LANDMARKS, 2))
+    rows = recon.loc[scores["recon_row"]]
+    dlib = landmark_column(rows, "dlib_lmk_px")
+    lmk = np.where(np.isnan(dlib).any(axis=(1, 2), keepdims=True), landmark_column(rows, "input_lmk_px"), dlib)
     fits = [fitter.fit(points, int(size), int(size)) for points, size in zip(lmk, canvas)]
     return (np.stack([f.verts_mm for f in fits]).reshape(-1, SFM_VERTS, 3), np.stack([f.lmk_px for f in fits]),
             np.array([f.seconds for f in fits]))
@@ -74,7 +84,7 @@ def main(argv=None) -> None:
         scores = add_peer_scores(scores, truth, verts, lmk, seconds, model.face_region, p["alignment"])
     else:  # eos fits the SFM 3448; another model's meshes have no vertex correspondence with it
         print(f"eos peer skipped: face model has {model.n_verts} vertices, eos fits the SFM {SFM_VERTS}")
-    metrics = synthetic_metrics(scores, len(truth),
+    metrics = synthetic_metrics(scores, truth["yaw_deg"].to_numpy(np.float64),
                                 seconds_per_face(args.synth / "reconstructions" / "summary.json"))
 
     annotations = find_annotations(p["annotated_images"], p["annotations"])

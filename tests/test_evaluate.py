@@ -2,8 +2,10 @@
 evaluate stage on fabricated reconstruction tables."""
 from __future__ import annotations
 
+import functools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,12 +16,13 @@ import yaml
 from scipy.io import savemat
 from scipy.spatial.transform import Rotation
 
-from pipeline.evaluate.annotations import find_annotations, read_aflw2000_mat, read_annotation, read_pts
-from pipeline.evaluate.benchmark import (annotated_metrics, annotated_scores, synthetic_metrics,
+from pipeline.evaluate.annotations import (IMAGE_SUFFIXES, Annotation, find_annotations, read_aflw2000_mat,
+                                           read_annotation, read_pts)
+from pipeline.evaluate.benchmark import (MIN_FACE_IOU, annotated_metrics, annotated_scores, synthetic_metrics,
                                          synthetic_scores)
-from pipeline.evaluate.eos_baseline import EosFitter
-from pipeline.evaluate.metrics import (aligned_vertex_error, landmark_nme, masked_psnr, region_error_stats,
-                                       weighted_procrustes)
+from pipeline.evaluate.eos_baseline import EosFit, EosFitter
+from pipeline.evaluate.metrics import (INNER_POINTS, aligned_vertex_error, landmark_nme, masked_psnr,
+                                       region_error_stats, weighted_procrustes)
 from pipeline.evaluate.now import closest_points_on_triangles, point_to_mesh_distance, scan_to_mesh_distance
 from pipeline.face_model import CoeffLayout, FaceDecoder, save_face_model
 from conftest import SHARED, SFM_DIR
@@ -60,6 +63,22 @@ def test_nme_averages_points_and_rejects_bad_shapes():
         landmark_nme(pred[None, :60], gt[None])
     with pytest.raises(ValueError, match="empty bounding box"):
         landmark_nme(gt[None], np.zeros((1, 68, 2)))
+
+
+def test_inner_nme_matches_a_naive_reference_normalised_by_all_68_points():
+    rng = np.random.default_rng(1)
+    gt = rng.uniform(0, 200, (3, 68, 2))
+    pred = gt + rng.normal(0, 4.0, gt.shape)
+    reference = []
+    for p, g in zip(pred, gt):  # AFLW2000-3D: the box of all 68 ground-truth points, even for the inner 51
+        w, h = g[:, 0].max() - g[:, 0].min(), g[:, 1].max() - g[:, 1].min()
+        reference.append(sum(math.hypot(*(p[i] - g[i])) for i in range(17, 68)) / 51 / math.sqrt(w * h))
+    assert len(INNER_POINTS) == 51
+    assert landmark_nme(pred, gt, INNER_POINTS) == pytest.approx(reference, rel=1e-12)
+    nan_pred = pred.copy()
+    nan_pred[1] = np.nan  # a source that did not run on face 1
+    nme = landmark_nme(nan_pred, gt, INNER_POINTS)
+    assert np.isnan(nme[1]) and nme[[0, 2]] == pytest.approx(np.array(reference)[[0, 2]])
 
 
 # ---------------------------------------------------------------- ground-truth readers
@@ -106,11 +125,26 @@ def test_find_annotations_pairs_images_by_stem(tmp_path):
     (notes / "orphan.pts").write_text((ANNOTATED / "image_0010.pts").read_text())
     found = find_annotations(images, notes)
     assert set(found) == {images / "a.png", images / "sub" / "b.jpg"}
-    assert found[images / "a.png"][5] == pytest.approx([5.0, 5.0])
-    assert found[images / "sub" / "b.jpg"] == pytest.approx(read_pts(ANNOTATED / "image_0010.pts"))
-    assert list(find_annotations(ANNOTATED, ANNOTATED)) == [ANNOTATED / "image_0010.png"]
+    assert found[images / "a.png"].format == "mat" and found[images / "a.png"].lmk_px[5] == pytest.approx([5.0, 5.0])
+    assert found[images / "sub" / "b.jpg"].format == "pts"
+    assert found[images / "sub" / "b.jpg"].lmk_px == pytest.approx(read_pts(ANNOTATED / "image_0010.pts"))
     with pytest.raises(ValueError, match="unknown annotation format"):
         read_annotation(images / "a.png")
+
+
+def annotated_photos() -> dict:
+    """{image path: its .pts path} for every image of the shared annotated folder with a NAME.pts beside it."""
+    return {p: p.with_suffix(".pts") for p in sorted(ANNOTATED.iterdir())
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.with_suffix(".pts").is_file()}
+
+
+def test_find_annotations_on_the_shared_folder():
+    photos = annotated_photos()
+    assert len(photos) > 1  # several photos, some with a second, unannotated face (shared/README.md)
+    found = find_annotations(ANNOTATED, ANNOTATED)
+    assert set(found) == set(photos)
+    for image, note in photos.items():
+        assert found[image].format == "pts" and found[image].lmk_px == pytest.approx(read_pts(note))
 
 
 # ---------------------------------------------------------------- masked PSNR
@@ -356,17 +390,128 @@ def test_synthetic_scores_pick_the_matching_face_and_count_misses(sfm):
     assert row["err_mm"] < 1e-5 and row["err_meanface_mm"] > 1.0
     assert row["nme"] == pytest.approx(box_nme(lmk[0], 1.0), rel=1e-5)
     assert row["nme_dlib"] == pytest.approx(box_nme(lmk[0], 2.0), rel=1e-5)
-    metrics = synthetic_metrics(scores, len(truth), our_seconds_per_face=2.0)
+    # an older table: no input_lmk_px (the fit's target was dlib's) and no face mesh column
+    assert row["nme_input"] == row["nme_dlib"] and np.isnan(row["nme_mesh"])
+    w, h = lmk[0].max(0) - lmk[0].min(0)
+    assert row["iou"] == pytest.approx((h - 2.0) / (h + 2.0), rel=1e-5)  # the face box (dlib's) is 2 px low
+    metrics = synthetic_metrics(scores, truth["yaw_deg"].to_numpy(), our_seconds_per_face=2.0)
     assert metrics["synthetic_faces"] == 2 and metrics["synthetic_faces_missed"] == 1
     assert metrics["synthetic_vertex_error_mm_eos"] is None and metrics["fit_speed_vs_eos"] is None
-    assert metrics["synthetic_vertex_error_mm_by_yaw"]["yaw_20_40"]["faces"] == 1
+    assert metrics["synthetic_landmark_nme_mesh"] is None
+    assert metrics["synthetic_by_yaw"]["yaw_0_30"] == pytest.approx({
+        "faces": 2, "detected": 1, "detection_rate": 0.5, "nme": row["nme"], "nme_dlib": row["nme_dlib"],
+        "nme_mesh": None, "nme_input": row["nme_dlib"], "vertex_error_mm": row["err_mm"],
+        "vertex_error_mm_eos": None})
+
+
+def synthetic_score_rows(yaw_deg: list[float], nme: list[float]) -> pd.DataFrame:
+    """synthetic_scores-like rows at the given yaws and NMEs: vertex errors 1, 2, ... mm (eos: twice that);
+    nme_dlib, nme_mesh, nme_input = 2, 3, 4 x nme."""
+    n = len(yaw_deg)
+    err = np.arange(1.0, n + 1)
+    nme = np.asarray(nme)
+    return pd.DataFrame({"file": [f"synth_{i:04d}.png" for i in range(n)], "yaw_deg": yaw_deg, "err_mm": err,
+                         "err_median_mm": err, "err_meanface_mm": err + 1, "nme": nme, "nme_dlib": 2 * nme,
+                         "nme_mesh": 3 * nme, "nme_input": 4 * nme, "masked_psnr": np.full(n, 25.0),
+                         "err_eos_mm": 2 * err})
+
+
+def test_synthetic_metrics_by_yaw_count_undetected_faces_in_their_bin():
+    at_90 = math.degrees(np.float32(math.radians(90.0)))  # 90 deg after the float32 round trip: just above 90
+    assert at_90 > 90.0
+    truth_yaw = np.array([5.0, -25.0, 40.0, -55.0, 70.0, -80.0, 89.0, at_90])
+    # detected: 5, -25 (0-30), 40 (30-60), -80 and 90 (60-90); missed: -55, 70, 89
+    scores = synthetic_score_rows([5.0, -25.0, 40.0, -80.0, at_90], [0.02, 0.04, 0.12, 0.3, 0.5])
+    m = synthetic_metrics(scores, truth_yaw, our_seconds_per_face=None)
+    by_yaw = m["synthetic_by_yaw"]
+    assert list(by_yaw) == ["yaw_0_30", "yaw_30_60", "yaw_60_90"]
+    assert [(b["faces"], b["detected"], b["detection_rate"]) for b in by_yaw.values()] == [
+        (2, 2, 1.0), (2, 1, 0.5), (4, 2, 0.5)]
+    assert by_yaw["yaw_0_30"] == pytest.approx({
+        "faces": 2, "detected": 2, "detection_rate": 1.0, "nme": 0.03, "nme_dlib": 0.06, "nme_mesh": 0.09,
+        "nme_input": 0.12, "vertex_error_mm": 1.5, "vertex_error_mm_eos": 3.0})
+    assert by_yaw["yaw_60_90"]["nme"] == pytest.approx(0.4) and by_yaw["yaw_60_90"]["vertex_error_mm"] == 4.5
+    assert (m["synthetic_faces"], m["synthetic_faces_missed"]) == (8, 3)
+    # NME > 0.10: 40, -80 and 90 deg; of those, only 40 deg is within 75 deg of yaw
+    assert (m["synthetic_faces_nme_over_10pct"], m["synthetic_faces_nme_over_10pct_upto_75deg"]) == (3, 1)
+    assert m["synthetic_landmark_nme_input"] == pytest.approx(4 * m["synthetic_landmark_nme"])
+    none_found = synthetic_metrics(scores.iloc[:0], np.array([10.0]), None)["synthetic_by_yaw"]
+    assert none_found["yaw_0_30"]["detection_rate"] == 0.0 and none_found["yaw_0_30"]["nme"] is None
+    assert none_found["yaw_30_60"]["faces"] == 0 and none_found["yaw_30_60"]["detection_rate"] is None
+
+
+def square_face(centre: tuple[float, float], size_px: float) -> np.ndarray:
+    """image_0010's 68 annotated points scaled into a size_px x size_px box centred at centre (x, y), px."""
+    gt = read_pts(ANNOTATED / "image_0010.pts")
+    lo, hi = gt.min(0), gt.max(0)
+    return (gt - (lo + hi) / 2) / (hi - lo) * size_px + np.asarray(centre)
+
+
+def recon_row(source, points_px: np.ndarray, **columns) -> dict:
+    """A reconstruction row whose every landmark column is points_px (68, 2) px, except those given in columns."""
+    flat = points_px.reshape(-1)
+    row = {"source": str(source), "lmk_px": flat, "lmk3d_px": flat, "input_lmk_px": flat, "dlib_lmk_px": flat,
+           "mesh_lmk_px": flat}
+    return row | {k: np.asarray(v, np.float64).reshape(-1) for k, v in columns.items()}
+
+
+def test_the_annotated_face_is_the_reconstruction_that_overlaps_it_most():
+    """Image a (1000 x 800): the annotated face, 100 px at (300, 300), reconstructed 12 px to the left, and another
+    reconstruction 3x larger around it, nearer both the image's centre and the annotated points' centroid (so
+    neither 'largest', 'most central' nor 'nearest centroid' finds the face). Image b: the only reconstruction
+    is 80% of the face's width off."""
+    gt = square_face((300.0, 300.0), 100.0)
+    centroid = gt.mean(0)
+    other = (gt - centroid) * 3.0 + centroid + 4.0    # contains the face's box: IoU 1/9
+    ours = gt - [12.0, 0.0]                           # IoU 88/112
+    far = gt + [80.0, 0.0]                            # IoU 20/180
+    image_centre = np.array([500.0, 400.0])
+    assert np.linalg.norm(other.mean(0) - gt.mean(0)) < np.linalg.norm(ours.mean(0) - gt.mean(0))
+    assert np.linalg.norm(other.mean(0) - image_centre) < np.linalg.norm(ours.mean(0) - image_centre)
+    recon = pd.DataFrame([recon_row("/photos/a.png", other), recon_row("/photos/a.png", ours),
+                          recon_row("/photos/b.png", far)], index=[10, 11, 12])
+    annotations = {Path("/photos/a.png"): Annotation(gt, "pts"), Path("/photos/b.png"): Annotation(gt, "pts")}
+    scores = annotated_scores(recon, annotations)
+    assert list(scores["image"]) == ["a.png", "b.png"] and list(scores["detected"]) == [True, False]
+    assert scores["iou"].to_numpy() == pytest.approx([88 / 112, 20 / 180])
+    assert 20 / 180 < MIN_FACE_IOU < 88 / 112
+    assert scores["nme"].iloc[0] == pytest.approx(box_nme(gt, 12.0)) and np.isnan(scores["nme"].iloc[1])
+    metrics = annotated_metrics(scores)
+    assert (metrics["landmark_nme_count"], metrics["landmark_nme_missed"]) == (1, 1)
+    # the face box is the fit's input landmarks, not ours: ours far off still scores (badly) on the right face
+    recon.loc[11, "lmk_px"] = (gt + [60.0, 0.0]).reshape(-1)
+    assert annotated_scores(recon, annotations)["nme"].iloc[0] == pytest.approx(box_nme(gt, 60.0))
+
+
+def test_annotated_scores_use_each_formats_convention_and_old_tables():
+    gt = square_face((200.0, 200.0), 120.0)
+    source = {"pts": "/photos/p.png", "mat": "/photos/m.png"}
+    recon = pd.DataFrame([recon_row(s, gt, lmk_px=gt + [0.6, 0.8], lmk3d_px=gt + [0.0, 3.0], dlib_lmk_px=gt + 5.0)
+                          for s in source.values()])
+    annotations = {Path(s): Annotation(gt, f) for f, s in source.items()}
+    scores = annotated_scores(recon, annotations).set_index("format")
+    assert scores.loc["pts", "nme"] == pytest.approx(box_nme(gt, 1.0))   # .pts: lmk_px (silhouette jaw)
+    assert scores.loc["mat", "nme"] == pytest.approx(box_nme(gt, 3.0))   # .mat: lmk3d_px (fixed 3D points)
+    assert scores["nme_input"].to_numpy() == pytest.approx([0.0, 0.0])
+    assert scores["iou"].to_numpy() == pytest.approx([1.0, 1.0])  # the face box is input_lmk_px's
+    # an older table: no lmk3d_px (.mat falls back to lmk_px), input_lmk_px (-> dlib's) or mesh_lmk_px (NaN)
+    old = recon.drop(columns=["lmk3d_px", "input_lmk_px", "mesh_lmk_px"])
+    scores = annotated_scores(old, annotations).set_index("format")
+    assert scores.loc["mat", "nme"] == pytest.approx(box_nme(gt, 1.0))
+    assert scores.loc["mat", "nme_input"] == pytest.approx(box_nme(gt, 5.0 * math.sqrt(2)))
+    overlap = 115.0 ** 2 / (2 * 120.0 ** 2 - 115.0 ** 2)  # now dlib's box, 5 px off in x and y
+    assert scores["iou"].to_numpy() == pytest.approx([overlap, overlap])
+    metrics = annotated_metrics(scores.reset_index())
+    assert metrics["landmark_nme_mesh"] is None and metrics["landmark_nme_inner_mesh"] is None
+    assert metrics["landmark_nme_inner_best_input"] == pytest.approx(box_nme(gt, 5.0 * math.sqrt(2)))
 
 
 def test_annotated_scores_count_missed_faces():
     gt = read_pts(ANNOTATED / "image_0010.pts")
     source = str(ANNOTATED / "image_0010.png")
     recon = pd.DataFrame([{"source": source, "lmk_px": (gt + [0.0, 3.0]).reshape(-1), "dlib_lmk_px": gt.reshape(-1)}])
-    annotations = {ANNOTATED / "image_0010.png": gt, ANNOTATED / "missing.png": gt}
+    note = Annotation(gt, "pts")
+    annotations = {ANNOTATED / "image_0010.png": note, ANNOTATED / "missing.png": note}
     scores = annotated_scores(recon, annotations)
     metrics = annotated_metrics(scores)
     assert metrics["landmark_nme"] == pytest.approx(box_nme(gt, 3.0))
@@ -394,7 +539,8 @@ def test_annotated_scores_floor_is_fitted_once_for_the_detected_faces():
         np.testing.assert_allclose(transforms[0], transform)
         return gt_px + [2.0, 0.0]
 
-    annotations = {ANNOTATED / "image_0010.png": gt, ANNOTATED / "missing.png": gt}
+    note = Annotation(gt, "pts")
+    annotations = {ANNOTATED / "image_0010.png": note, ANNOTATED / "missing.png": note}
     scores = annotated_scores(recon, annotations, floor)
     assert calls == [((1, 68, 2), (1, 2, 3))]
     assert scores["nme_model_floor"].iloc[0] == pytest.approx(box_nme(gt, 2.0))
@@ -425,8 +571,53 @@ def test_model_landmark_floor_reaches_landmarks_the_model_made(sfm):
     assert landmark_nme(fitted, unreachable[None])[0] > 0.05
 
 
+def test_eos_peer_fits_the_input_landmarks_where_dlib_did_not_run():
+    from stages.evaluate import run_eos
+
+    class Recorder:  # stands in for EosFitter: records the landmarks it is given
+        def __init__(self):
+            self.points = []
+
+        def fit(self, lmk_px, width, height):
+            self.points.append(np.asarray(lmk_px))
+            return EosFit(np.zeros((3448, 3), np.float32), np.asarray(lmk_px, np.float32), 0.0, 0.5)
+
+    dlib, given = np.full((68, 2), 10.0), np.full((68, 2), 20.0)
+    recon = pd.DataFrame([recon_row("a.png", given, dlib_lmk_px=dlib), recon_row("b.png", given,
+                                                                                dlib_lmk_px=np.full((68, 2), np.nan))])
+    scores = pd.DataFrame({"file": ["a.png", "b.png"], "recon_row": [0, 1]})
+    truth = pd.DataFrame({"file": ["a.png", "b.png"], "canvas_px": [224, 224]})
+    fitter = Recorder()
+    verts, lmk, seconds = run_eos(scores, truth, recon, fitter)
+    assert [p[0, 0] for p in fitter.points] == [10.0, 20.0]
+    assert verts.shape == (2, 3448, 3) and list(seconds) == [0.5, 0.5]
+
+
+def fabricated_annotated_reconstructions(annotations: dict) -> pd.DataFrame:
+    """Two reconstructions per annotated photo: first a decoy (another person: 1.3x larger, one and a half face
+    widths to the right), then the annotated face with ours 1 px off on the inner 51 points and 5 px on the jaw,
+    lmk3d_px 10 px off (the .mat convention, unused for .pts), input 0.5 px, dlib 5 px (NaN on the first photo: it
+    did not run there), face mesh 1.5 px."""
+    rows = []
+    for k, (image, note) in enumerate(annotations.items()):
+        gt = note.lmk_px
+        width = (gt.max(0) - gt.min(0))[0]
+        rows.append(recon_row(image, (gt - gt.mean(0)) * 1.3 + gt.mean(0) + [1.5 * width, 0.0],
+                              transform=crop_transform_around(gt)))
+        ours = gt + [0.6, 0.8]
+        ours[:17] = gt[:17] + [3.0, 4.0]
+        rows.append(recon_row(image, gt, lmk_px=ours, lmk3d_px=gt + [0.0, 10.0], input_lmk_px=gt + [0.3, 0.4],
+                              dlib_lmk_px=gt + [3.0, 4.0] if k else np.full((68, 2), np.nan),
+                              mesh_lmk_px=gt + [0.0, 1.5], transform=crop_transform_around(gt)))
+    return pd.DataFrame(rows)
+
+
 def test_evaluate_stage_on_fabricated_reconstructions(sfm, tmp_path, monkeypatch):
-    from stages.evaluate import main
+    import stages.evaluate
+    from pipeline.evaluate.landmark_floor import model_landmark_floor
+
+    # 400 of the floor fit's 2000 steps: within 0.01 NME of the full fit on these photos, a third of the time
+    monkeypatch.setattr(stages.evaluate, "model_landmark_floor", functools.partial(model_landmark_floor, steps=400))
 
     truth, recon, _, _ = truth_and_reconstructions(sfm)
     synth = tmp_path / "synth"
@@ -434,34 +625,51 @@ def test_evaluate_stage_on_fabricated_reconstructions(sfm, tmp_path, monkeypatch
     truth.to_parquet(synth / "truth.parquet")
     recon.to_parquet(synth / "reconstructions" / "coefficients.parquet")
     (synth / "reconstructions" / "summary.json").write_text(json.dumps({"faces": 2, "seconds": 3.0}))
-    gt = read_pts(ANNOTATED / "image_0010.pts")
+    annotations = find_annotations(ANNOTATED, ANNOTATED)
+    assert set(annotations) == set(annotated_photos())
     annotated = tmp_path / "annotated"
     annotated.mkdir()
-    pd.DataFrame([{"source": str(ANNOTATED / "image_0010.png"), "lmk_px": (gt + [0.6, 0.8]).reshape(-1),
-                   "dlib_lmk_px": (gt + [3.0, 4.0]).reshape(-1), "transform": crop_transform_around(gt).reshape(-1)}]
-                 ).to_parquet(annotated / "coefficients.parquet")
+    fabricated_annotated_reconstructions(annotations).to_parquet(annotated / "coefficients.parquet")
     photos = tmp_path / "photos"
     photos.mkdir()
     pd.DataFrame({"masked_psnr": [20.0, 30.0]}).to_parquet(photos / "coefficients.parquet")
     save_face_model(sfm, tmp_path / "model.npz")
-    (annotated / "summary.json").write_text(json.dumps({"faces": 1, "face_model": str(tmp_path / "model.npz")}))
+    (annotated / "summary.json").write_text(json.dumps({"faces": 8, "face_model": str(tmp_path / "model.npz")}))
     params = {"synth": {"face_model": str(tmp_path / "model.npz")}, "reconstruct": {"out": str(photos)},
               "evaluate": {"alignment": "rigid", "annotations": str(ANNOTATED), "annotated_images": str(ANNOTATED),
                            "sfm_dir": str(SFM_DIR), "eos_iterations": 5, "eos_lambda_identity": 30.0,
                            "eos_lambda_expressions": 30.0}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    main(["--params", str(tmp_path / "params.yaml"), "--synth", str(synth), "--annotated", str(annotated),
-          "--metrics", str(tmp_path / "metrics.json"), "--faces", str(tmp_path / "faces.csv")])
+    stages.evaluate.main(["--params", str(tmp_path / "params.yaml"), "--synth", str(synth), "--annotated",
+                          str(annotated), "--metrics", str(tmp_path / "metrics.json"), "--faces",
+                          str(tmp_path / "faces.csv")])
 
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["synthetic_vertex_error_mm"] < 1e-5 and m["synthetic_faces_missed"] == 1
     assert m["synthetic_vertex_error_mm_eos"] > 0.1 and m["vertex_error_vs_eos"] < 1e-3
     assert m["fit_seconds_per_face"] == 1.5
     assert m["fit_speed_vs_eos"] == pytest.approx(1.5 / m["fit_seconds_per_face_eos"])
-    assert m["landmark_nme"] == pytest.approx(box_nme(gt, 1.0)) and m["landmark_nme_dlib"] == pytest.approx(
-        box_nme(gt, 5.0))
-    assert (m["landmark_nme_count"], m["landmark_nme_missed"]) == (1, 0)
-    assert 0.0 < m["landmark_nme_model_floor"] < 0.03  # the SFM reaches a real annotation to within 3 %
+    assert (m["synthetic_by_yaw"]["yaw_0_30"]["faces"], m["synthetic_by_yaw"]["yaw_0_30"]["detected"]) == (2, 1)
+    gts = [a.lmk_px for a in annotations.values()]
+
+    def mean_nme(shift_px: float, faces=gts) -> float:
+        return float(np.mean([box_nme(gt, shift_px) for gt in faces]))
+
+    assert m["landmark_nme"] == pytest.approx(mean_nme((17 * 5.0 + 51 * 1.0) / 68))
+    assert m["landmark_nme_inner"] == pytest.approx(mean_nme(1.0))
+    assert m["landmark_nme_dlib"] == pytest.approx(mean_nme(5.0, gts[1:]))  # dlib did not run on the first
+    assert m["landmark_nme_inner_mesh"] == pytest.approx(mean_nme(1.5))
+    assert m["landmark_nme_inner_input"] == pytest.approx(mean_nme(0.5))
+    assert m["landmark_nme_inner_best_input"] == m["landmark_nme_inner_mesh"]
+    assert (m["landmark_nme_count"], m["landmark_nme_missed"]) == (len(gts), 0)
+    assert 0.0 < m["landmark_nme_model_floor"] < 0.03  # the SFM reaches real annotations to within 3 %
     assert m["masked_psnr"] == 25.0 and m["masked_psnr_count"] == 2
     faces = pd.read_csv(tmp_path / "faces.csv")
-    assert sorted(faces["set"]) == ["annotated", "synthetic"]
+    assert sorted(set(faces["set"])) == ["annotated", "synthetic"]
+    ann = faces[faces["set"] == "annotated"].set_index("file")
+    assert sorted(ann.index) == sorted(p.name for p in annotations)
+    assert ann["detected"].all() and ann["nme_model_floor"].notna().all()
+    for image, note in annotations.items():  # the annotated face's box (input, 0.3 and 0.4 px off), not the decoy's
+        w, h = note.lmk_px.max(0) - note.lmk_px.min(0)
+        inter = (w - 0.3) * (h - 0.4)
+        assert ann.loc[image.name, "iou"] == pytest.approx(inter / (2 * w * h - inter), rel=1e-4)

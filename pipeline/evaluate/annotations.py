@@ -9,6 +9,7 @@ The readers subtract 1 so that every landmark is in the project's 0-based frame 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from scipy.io import loadmat
@@ -16,6 +17,12 @@ from scipy.io import loadmat
 N_LANDMARKS = 68
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 ANNOTATION_SUFFIXES = (".pts", ".mat")
+
+
+class Annotation(NamedTuple):
+    """One face's ground truth and the convention it follows, which decides the landmarks it is compared with."""
+    lmk_px: np.ndarray  # (68, 2) float64, 0-based photo px
+    format: str         # "pts": iBUG / 300-W, jaw on the 2D silhouette; "mat": AFLW2000-3D, fixed 3D points projected
 
 
 def read_pts(path: str | Path) -> np.ndarray:
@@ -56,8 +63,9 @@ def read_aflw2000_mat(path: str | Path) -> np.ndarray:
     return pts[:2].T - 1.0
 
 
-def read_annotation(path: str | Path) -> np.ndarray:
-    """`.pts` or `.mat` -> (68, 2) float64 0-based pixels; ValueError for any other suffix or point count."""
+def read_annotation(path: str | Path) -> Annotation:
+    """`.pts` or `.mat` -> Annotation ((68, 2) float64 0-based px, format "pts" or "mat"); ValueError for any other
+    suffix or point count."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in ANNOTATION_SUFFIXES:
@@ -65,13 +73,14 @@ def read_annotation(path: str | Path) -> np.ndarray:
     points = read_pts(path) if suffix == ".pts" else read_aflw2000_mat(path)
     if points.shape != (N_LANDMARKS, 2):
         raise ValueError(f"{path}: expected {N_LANDMARKS} landmarks, got {points.shape[0]}")
-    return points
+    return Annotation(points, suffix[1:])
 
 
-def find_annotations(images_dir: str | Path, annotations_dir: str | Path) -> dict[Path, np.ndarray]:
-    """{image path: (68, 2) float64 0-based px} for every image in `images_dir` (recursive) whose stem has a
-    NAME.pts or NAME.mat in `annotations_dir` (recursive). Images without an annotation are left out; a stem
-    annotated twice, or an image stem that two images share, raises ValueError (the match would be ambiguous)."""
+def find_annotations(images_dir: str | Path, annotations_dir: str | Path) -> dict[Path, Annotation]:
+    """{image path: Annotation (68 points, 0-based px, and its format)} for every image in `images_dir`
+    (recursive) whose stem has a NAME.pts or NAME.mat in `annotations_dir` (recursive). Images without an
+    annotation are left out; a stem annotated twice, or an image stem that two images share, raises ValueError
+    (the match would be ambiguous)."""
     notes: dict[str, Path] = {}
     for path in sorted(Path(annotations_dir).rglob("*")):
         if path.is_file() and path.suffix.lower() in ANNOTATION_SUFFIXES:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 ALIGN_MODES = ("rigid", "similarity")
+INNER_POINTS = np.arange(17, 68)  # the 51 inner iBUG points (brows, nose, eyes, mouth), 0-based: all but the jaw
 
 
 def check_shape(name: str, arr: np.ndarray, shape: tuple) -> None:
@@ -18,11 +19,14 @@ def check_shape(name: str, arr: np.ndarray, shape: tuple) -> None:
         raise ValueError(f"{name}: expected shape {want}, got {arr.shape}")
 
 
-def landmark_nme(pred_px: np.ndarray, gt_px: np.ndarray) -> np.ndarray:
+def landmark_nme(pred_px: np.ndarray, gt_px: np.ndarray, points: np.ndarray | None = None) -> np.ndarray:
     """Normalised mean error of each face's landmarks (AFLW2000-3D convention).
 
     pred_px, gt_px: (N, K, 2) pixels (K = 68 for iBUG). The mean Euclidean point error of a face is divided by
-    sqrt(w * h) of the bounding box of its ground-truth landmarks. Returns (N,) float64, unitless.
+    sqrt(w * h) of the bounding box of its ground-truth landmarks. points: indices of the landmarks to average
+    over (e.g. INNER_POINTS); the box is still that of ALL K ground-truth points, as AFLW2000-3D normalises, so
+    a subset's score is on the same scale as the full one. A face with a NaN prediction (a source that did not
+    run) gets NaN. Returns (N,) float64, unitless.
     """
     pred_px, gt_px = np.asarray(pred_px, np.float64), np.asarray(gt_px, np.float64)
     check_shape("gt_px", gt_px, (None, None, 2))
@@ -31,7 +35,8 @@ def landmark_nme(pred_px: np.ndarray, gt_px: np.ndarray) -> np.ndarray:
     box_size = np.sqrt(extent[:, 0] * extent[:, 1])
     if np.any(box_size <= 0):
         raise ValueError("gt_px: a face's landmarks have an empty bounding box (zero width or height)")
-    return np.linalg.norm(pred_px - gt_px, axis=-1).mean(axis=1) / box_size
+    error = np.linalg.norm(pred_px - gt_px, axis=-1)
+    return (error if points is None else error[:, points]).mean(axis=1) / box_size
 
 
 def masked_psnr(render, photo, mask) -> np.ndarray:

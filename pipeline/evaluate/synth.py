@@ -5,8 +5,8 @@ Each face: identity, expression, albedo, pose and SH light drawn at random; rend
 224 x 224 (the same forward model the fit inverts); then placed into a larger canvas by a random similarity
 (scale, in-plane rotation, shift) over a background patch cut from a real photo away from its face, so that
 detection and crop alignment are part of the measured error. Ground truth: the coefficients, the mesh in model
-space (mm) and the 68 model landmarks in canvas pixels. The landmarks are the model's landmark VERTICES
-projected, so the jaw points are fixed vertices, not the silhouette that a 2D annotator (or dlib) marks.
+space (mm) and the 68 model landmarks in canvas pixels, as the decoder projects them: the jaw points on the
+face's silhouette, like a 2D annotator's (or dlib's), the iBUG / 300-W `.pts` convention.
 """
 from __future__ import annotations
 
