@@ -1,4 +1,4 @@
-"""Photo decoding, dlib detection + 68 landmarks and the 5-point alignment, on the real sample photos."""
+"""Photo decoding, detection + 68 landmarks and the 5-point alignment, on the real sample photos."""
 from __future__ import annotations
 
 import cv2
@@ -7,10 +7,12 @@ import pytest
 from PIL import Image
 
 from conftest import ANNOTATED, write_png_header_only
-from pipeline.detect import (TEMPLATE_5PT_PX, CropSettings, LandmarkSettings, Rejected, crop_landmarks, crop_photo,
+from pipeline.detect import (TEMPLATE_5PT_PX, CropSettings, LandmarkSettings, Rejected, crop_photo,
                              detect_faces, fit_landmarks, fit_similarity, five_points, invert_transform,
                              list_photos, read_photo, transform_points, warp_to_crop)
 from pipeline.detect.crop import align_face
+from pipeline.detect.landmarks import landmarks_task
+from pipeline.detect.mesh68 import mesh_to_ibug68
 from pipeline.shards import decode_rgb
 
 NO_REJECT = LandmarkSettings(max_template_px=1e9)  # measure the fits, reject nothing
@@ -20,6 +22,13 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     lo, hi = np.maximum(a[:2], b[:2]), np.minimum(a[2:], b[2:])
     inter = np.prod(np.clip(hi - lo, 0, None))
     return float(inter / (np.prod(a[2:] - a[:2]) + np.prod(b[2:] - b[:2]) - inter))
+
+
+def crop_points(row: dict, settings: LandmarkSettings = NO_REJECT) -> dict:
+    """The landmarks stage on one crop row: {landmarks, dlib_landmarks: (68, 2) crop px, landmarks_source}."""
+    (out,), rejects = landmarks_task(row, settings)
+    return {**out, "landmarks": np.reshape(out["landmarks"], (68, 2)),
+            "dlib_landmarks": np.reshape(out["dlib_landmarks"], (68, 2))}
 
 
 def face_box(face: dict) -> np.ndarray:
@@ -33,13 +42,14 @@ def face_box(face: dict) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def faces(faces_dir):
-    """Every face of every sample photo (multi_face=all): crop rows, the photo and the re-fitted crop landmarks."""
+    """Every face of every sample photo (multi_face=all): crop rows, the photo, the chosen crop landmarks
+    (lmk_crop) and dlib's (dlib_crop)."""
     out = []
     for path in list_photos(faces_dir):
         rgb = read_photo(path)
         for row in crop_photo(path, CropSettings(multi_face="all"), root=faces_dir):
-            crop = decode_rgb(row["crop"])
-            out.append({**row, "photo": rgb, "lmk_crop": crop_landmarks(crop, np.asarray(row["box_crop"]), NO_REJECT)})
+            points = crop_points(row)
+            out.append({**row, "photo": rgb, "lmk_crop": points["landmarks"], "dlib_crop": points["dlib_landmarks"]})
     return out
 
 
@@ -58,15 +68,18 @@ def test_every_sample_photo_has_a_face_and_trump_hillary_two(faces, faces_dir):
 
 def test_landmarks_on_the_annotated_photo_are_within_3_percent_nme():
     """NME (mean point error / sqrt(w h) of the ground-truth box) of the crop landmarks mapped back to the photo;
-    measured 0.0153 on image_0010 (the photo-space fit: 0.0151)."""
+    measured 0.0156 (dlib on the crop, in the box HOG finds there; the photo-space fit: 0.0151), mesh 0.029."""
     truth = np.loadtxt(ANNOTATED / "image_0010.pts", skiprows=3, comments="}") - 1.0  # .pts are 1-based
     assert truth.shape == (68, 2)
     row = crop_photo(ANNOTATED / "image_0010.png", CropSettings())[0]
-    lmk_crop = crop_landmarks(decode_rgb(row["crop"]), np.asarray(row["box_crop"]), LandmarkSettings())
-    lmk_photo = transform_points(lmk_crop, invert_transform(np.asarray(row["transform"])))
+    points = crop_points(row, LandmarkSettings())
     width, height = truth.max(0) - truth.min(0)
-    nme = np.linalg.norm(lmk_photo - truth, axis=1).mean() / np.sqrt(width * height)
-    assert nme < 0.03, nme
+    for lmk_crop, bound in ((points["landmarks"], 0.02), (points["dlib_landmarks"], 0.02),
+                            (mesh_to_ibug68(np.reshape(row["mesh"], (468, 3))), 0.035)):
+        lmk_photo = transform_points(lmk_crop, invert_transform(np.asarray(row["transform"])))
+        nme = np.linalg.norm(lmk_photo - truth, axis=1).mean() / np.sqrt(width * height)
+        assert nme < bound, nme
+    assert points["landmarks_source"] == "dlib"  # a frontal photo: dlib and the mesh agree, dlib's points are kept
 
 
 def test_crops_put_the_eyes_on_the_template(faces):
@@ -75,32 +88,41 @@ def test_crops_put_the_eyes_on_the_template(faces):
         transform = np.asarray(face["transform"]).reshape(2, 3)
         assert np.isclose(transform[0, 0], transform[1, 1]) and np.isclose(transform[0, 1], -transform[1, 0])
         eye_errors.append(np.linalg.norm(five_points(face["lmk_crop"])[:2] - TEMPLATE_5PT_PX[:2], axis=1).max())
-    # least squares over 5 points trades the eyes against nose and mouth on yawed faces (emma.jpg#1: 14.5 px)
+    # least squares over 5 points trades the eyes against nose and mouth on yawed faces (emma.jpg#1: 16.4 px)
     assert np.median(eye_errors) < 5.0, eye_errors
-    assert max(eye_errors) < 16.0, eye_errors
+    assert max(eye_errors) < 18.0, eye_errors
 
 
 def test_alignment_centres_the_five_points_on_the_template(faces_dir):
     rgb = read_photo(faces_dir / "000055.jpg")
-    detection = detect_faces(rgb)[0]
-    crop, transform, lmk_photo = align_face(rgb, detection)
-    mapped = transform_points(five_points(lmk_photo), transform)
-    assert np.allclose(mapped.mean(0), TEMPLATE_5PT_PX.mean(0), atol=1e-9)
-    assert crop.shape == (224, 224, 3) and crop.dtype == np.uint8
+    for detection in (detect_faces(rgb)[0], *crop_detections(rgb)):  # dlib's box, BlazeFace's box and keypoints
+        crop, transform, mesh_crop, score = align_face(rgb, detection)
+        mapped = five_points(mesh_to_ibug68(mesh_crop))  # the mesh is stored in crop px
+        assert np.allclose(mapped.mean(0), TEMPLATE_5PT_PX.mean(0), atol=1e-4)
+        assert crop.shape == (224, 224, 3) and crop.dtype == np.uint8 and score > 0.9
 
 
 def test_transform_maps_crop_landmarks_back_onto_the_photo_landmarks(faces):
-    """Landmarks re-fitted on the crop, mapped back by the inverse transform, against landmarks fitted on the
-    photo itself: mean distance per face in units of the photo inter-ocular distance."""
+    """dlib's landmarks fitted on the crop, mapped back by the inverse transform, against dlib's landmarks fitted
+    on the photo itself in its HOG box: mean distance per face in units of the photo inter-ocular distance."""
     errors = []
     for face in faces:
-        detection = next(d for d in detect_faces(face["photo"]) if iou(d.box_px, face_box(face)) > 0.9)
+        photo_box = transform_points(face["dlib_crop"], invert_transform(np.asarray(face["transform"])))
+        box = np.concatenate([photo_box.min(0), photo_box.max(0)])
+        detection = max(detect_faces(face["photo"]), key=lambda d: iou(d.box_px, box))
+        if iou(detection.box_px, box) < 0.4:
+            continue  # a face BlazeFace found and HOG did not: no photo-space fit to compare with
         lmk_photo = fit_landmarks(face["photo"], detection.box_px)
-        back = transform_points(face["lmk_crop"], invert_transform(np.asarray(face["transform"])))
+        back = transform_points(face["dlib_crop"], invert_transform(np.asarray(face["transform"])))
         eyes = five_points(lmk_photo)[:2]
         errors.append(np.linalg.norm(back - lmk_photo, axis=1).mean() / np.linalg.norm(eyes[0] - eyes[1]))
-    assert np.median(errors) < 0.025, errors
-    assert max(errors) < 0.06, errors
+    assert len(errors) >= 25 and np.median(errors) < 0.025, errors
+    assert max(errors) < 0.08, errors  # dlib in the HOG box of the crop vs of the photo: boxes differ a little
+
+
+def crop_detections(rgb: np.ndarray) -> list:
+    from pipeline.detect.faces import detect_chain
+    return detect_chain(rgb, ("blazeface_full",))
 
 
 def test_fit_similarity_recovers_a_known_similarity_and_never_reflects():
@@ -120,7 +142,7 @@ def test_fit_similarity_recovers_a_known_similarity_and_never_reflects():
 
 def test_warp_to_crop_has_the_geometry_of_warpaffine(faces_dir):
     rgb = read_photo(faces_dir / "015309.jpg")  # a 667 px face: shrunk ~5x, so the pyramid path is taken
-    crop, transform, _ = align_face(rgb, detect_faces(rgb)[0])
+    crop, transform, _, _ = align_face(rgb, detect_faces(rgb)[0])
     plain = cv2.warpAffine(rgb, transform, (224, 224))
     diff = np.abs(crop.astype(float) - plain)
     assert np.sqrt(np.linalg.det(transform[:, :2])) < 0.25

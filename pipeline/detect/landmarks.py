@@ -5,8 +5,9 @@ crop stage mapped to the 68 points (mesh68). `LandmarkSettings.source` chooses: 
 (default): dlib's points, which are the more precise on near-frontal photos, unless they disagree with the mesh's
 by more than `fuse_max_disagreement` (NME), as they do when dlib's predictor fails on a turned or occluded face
 (20-30 % NME), or the mesh's, which hold at every yaw. dlib's predictor is seeded by the detection box mapped
-into the crop for dlib's own detections, and for others by DLIB_BOX_CROP_PX, where dlib's HOG boxes land on
-aligned crops. A chosen set whose 5 alignment points land far from the template reveals a false or badly
+into the crop for dlib's own detections; for others by the box of dlib's HOG detector run on the crop itself (the
+predictor was trained on such boxes: BlazeFace's are framed differently, and a fixed box misplaces turned faces),
+or DLIB_BOX_CROP_PX, where HOG boxes land on aligned crops, when HOG finds no face there. A chosen set whose 5 alignment points land far from the template reveals a false or badly
 fitted detection, and the face is rejected.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..shards.image_bytes import decode_rgb
 from ..shards.stage_run import run_stage
 from ..shards.tables import LANDMARKS_SCHEMA, N_MESH, count_rows, iter_rows
 from .alignment import TEMPLATE_5PT_PX, five_points
-from .dlib_faces import fit_landmarks
+from .dlib_faces import detect_faces, fit_landmarks
 from .faces import DLIB_DETECTORS
 from .mesh68 import mesh_to_ibug68
 
@@ -92,10 +93,20 @@ def crop_landmarks(crop_rgb: np.ndarray, dlib_box_crop_px: np.ndarray, mesh_crop
     return chosen.astype(np.float32), dlib_px, source
 
 
-def dlib_box_crop(row: dict) -> np.ndarray:
-    """The box seeding dlib's predictor on a crops-table row: its detection box for dlib's detectors, else
-    DLIB_BOX_CROP_PX (other detectors' boxes are framed differently from the boxes the predictor was trained on)."""
-    return np.asarray(row["box_crop"], np.float64) if row["detector"] in DLIB_DETECTORS else DLIB_BOX_CROP_PX
+def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    lt, rb = np.maximum(a[:2], b[:2]), np.minimum(a[2:], b[2:])
+    inter = float(np.prod(np.clip(rb - lt, 0, None)))
+    return inter / (float(np.prod(a[2:] - a[:2]) + np.prod(b[2:] - b[:2])) - inter)
+
+
+def dlib_box_crop(row: dict, crop_rgb: np.ndarray) -> np.ndarray:
+    """The box (4,) crop px seeding dlib's predictor on a crops-table row: its detection box for dlib's detectors;
+    else the HOG box found on the crop that overlaps DLIB_BOX_CROP_PX most (IoU > 0.3), else DLIB_BOX_CROP_PX."""
+    if row["detector"] in DLIB_DETECTORS:
+        return np.asarray(row["box_crop"], np.float64)
+    found = [d.box_px for d in detect_faces(crop_rgb, "hog", upsample=1, fallback=False)]
+    best = max(found, key=lambda box: _box_iou(box, DLIB_BOX_CROP_PX), default=None)
+    return best if best is not None and _box_iou(best, DLIB_BOX_CROP_PX) > 0.3 else DLIB_BOX_CROP_PX
 
 
 def landmarks_task(row: dict, settings: LandmarkSettings) -> tuple[list[dict], list[dict]]:
@@ -104,8 +115,9 @@ def landmarks_task(row: dict, settings: LandmarkSettings) -> tuple[list[dict], l
     ([], [the face's reject row]); never raises."""
     try:
         mesh = np.asarray(row["mesh"], np.float64).reshape(N_MESH, 3)
-        chosen, dlib_px, source = crop_landmarks(decode_rgb(row["crop"]), dlib_box_crop(row), mesh,
-                                                 float(row["mesh_score"]), settings)
+        crop = decode_rgb(row["crop"])
+        chosen, dlib_px, source = crop_landmarks(crop, dlib_box_crop(row, crop), mesh, float(row["mesh_score"]),
+                                                 settings)
     except Exception as error:  # noqa: BLE001 - a bad face becomes a reject row, never a crashed run
         return [], [reject_row(row["source"], STAGE, error, row["id"])]
     return [{"id": row["id"], "landmarks": chosen.reshape(-1), "dlib_landmarks": dlib_px.reshape(-1),
