@@ -81,6 +81,23 @@ def gather_faces(args, params: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
                              MaskSettings(**params["masks"]), params["workers"], root=args.images)
 
 
+def unwritten_rejects(chunk: pd.DataFrame, failed: list) -> list[dict]:
+    """Reject rows (REJECTS_SCHEMA's columns) for the faces of `chunk` whose files could not be written."""
+    return [{"path": chunk["source"].iloc[i], "stage": "reconstruct", "reason": "output not written",
+             "detail": f"{type(error).__name__}: {error}", "id": chunk["id"].iloc[i]} for i, error in failed]
+
+
+def drop_unwritten(rows: list[dict], rejects: pd.DataFrame, unwritten: list[dict]) -> tuple[list[dict],
+                                                                                            pd.DataFrame]:
+    """The faces whose files failed leave the coefficients table and join the rejects, with their reason."""
+    if not unwritten:
+        return rows, rejects
+    gone = {r["id"] for r in unwritten}
+    extra = pd.DataFrame(unwritten, columns=["path", "stage", "reason", "detail", "id"])
+    rejects = extra if len(rejects) == 0 else pd.concat([rejects, extra], ignore_index=True)
+    return [r for r in rows if r["id"] not in gone], rejects
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     keep_freed_memory()
@@ -123,14 +140,18 @@ def main(argv=None) -> None:
     with tqdm(total=len(faces), desc=f"reconstruct[{method}]", disable=rank != 0) as bar:
         progress = threading.Lock()
 
+        unwritten: list[dict] = []  # reject rows of the faces whose files could not be written
+
         def write_files(chunk, chunk_rows, render, batch) -> None:  # runs on scoring threads, a slice each
-            write_face_files(out / "faces", chunk, chunk_rows, render, batch.photo, decoder, files)
+            failed = write_face_files(out / "faces", chunk, chunk_rows, render, batch.photo, decoder, files)
             with progress:
+                unwritten.extend(unwritten_rejects(chunk, failed))
                 bar.update(len(chunk))
 
         rows = reconstruct_faces(decoder, faces, method, fit, lmk_w, network, p["refine_steps"], p["batch_size"],
                                  write_files)
     seconds = time.perf_counter() - start
+    rows, rejects = drop_unwritten(rows, rejects, unwritten)
     table = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
     part = out / (f"coefficients.rank{rank}.parquet" if world > 1 else "coefficients.parquet")
@@ -145,7 +166,7 @@ def main(argv=None) -> None:
                 x.unlink()
         dist.destroy_process_group()
     if rank == 0:
-        summary = {"faces": len(faces) * world if world > 1 else len(faces), "rejected": len(rejects),
+        summary = {"faces": len(faces) * world if world > 1 else len(table), "rejected": len(rejects),
                    "method": method, "face_model": str(model_path), "seconds": round(seconds, 3),
                    "faces_per_s": round(len(faces) / seconds, 3) if seconds > 0 else None,
                    "masked_psnr_mean": float(table["masked_psnr"].mean()) if len(table) else None}

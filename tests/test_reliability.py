@@ -1,0 +1,118 @@
+"""Regression tests for issue 14 (reliability and DVC usability): each reproduces a defect an adversarial run
+found, through the stage scripts where that is where it showed."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO_ROOT
+
+
+def write_params(workdir: Path, **overrides: dict) -> Path:
+    """The repository's params.yaml with `overrides` ({section: {key: value}}) at workdir/params.yaml."""
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            params[section].update(values)
+        else:
+            params[section] = values
+    path = workdir / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.fixture(scope="module")
+def face_model_npz(tmp_path_factory, sfm) -> Path:
+    from pipeline.face_model.format import save_face_model
+
+    path = tmp_path_factory.mktemp("model") / "face_model.npz"
+    save_face_model(sfm, path)
+    return path
+
+
+def quick_reconstruct_params(workdir: Path, model: Path, **reconstruct) -> Path:
+    """params for a fast CLI reconstruction: a few fit steps, no network, files on."""
+    section = {"face_model": str(model), "checkpoint": str(workdir / "no_rnet.pt"), "method": "fit",
+               "landmark_steps": 2, "full_steps": 2, "refine_steps": 0, "batch_size": 4}
+    section.update(reconstruct)
+    return write_params(workdir, reconstruct=section, workers=1)
+
+
+def run_reconstruct(argv: list[str]) -> dict:
+    from stages import reconstruct
+
+    reconstruct.main(argv)
+    out = Path(argv[argv.index("--out") + 1])
+    return json.loads((out / "summary.json").read_text())
+
+
+# -- items 1 and 2: bounded, unique output names; one face's failure never loses the others ---------------------
+
+def test_long_and_colliding_names_each_get_their_own_bounded_files(tmp_path, faces_dir, face_model_npz):
+    photos = tmp_path / "photos"
+    nested = photos / ("d" * 120) / ("e" * 120)
+    nested.mkdir(parents=True)
+    names = [photos / ("x" * 236 + ".jpg"), nested / "face.jpg", photos / "a b.jpg", photos / "a_b.jpg",
+             photos / "é.jpg", photos / "ü.jpg"]
+    for path in names:
+        shutil.copy(faces_dir / "000002.jpg", path)
+    params = quick_reconstruct_params(tmp_path, face_model_npz, write_overlays=False)
+    out = tmp_path / "out"
+    summary = run_reconstruct(["--images", str(photos), "--out", str(out), "--params", str(params)])
+    table = pd.read_parquet(out / "coefficients.parquet")
+    assert summary["faces"] == len(table) == len(names) and summary["rejected"] == 0
+    stems = list(table["files_stem"])
+    assert len(set(stems)) == len(names)  # no two faces share (and overwrite) files
+    assert all(len(s.encode()) <= 80 and not s.startswith(".") for s in stems)
+    files = sorted(p.name for p in (out / "faces").iterdir())
+    assert files == sorted(f"{s}{suffix}" for s in stems for suffix in (".obj", "_crop.png"))
+
+
+def test_file_stems_are_bounded_unique_and_readable():
+    from pipeline.reconstruct.outputs import file_stem
+
+    assert file_stem("photos/a b.jpg#0").startswith("photos_a_b.jpg_0-")
+    assert file_stem("../shared/x.png#1").startswith("shared_x.png_1-")
+    assert file_stem("/abs/dir/y.jpg#2").startswith("abs_dir_y.jpg_2-")
+    pairs = [("a b.jpg#0", "a_b.jpg#0"), ("é.jpg#0", "ü.jpg#0"), ("p.jpg#0", "p.jpg#1"),
+             ("x" * 240 + "1.jpg#0", "x" * 240 + "2.jpg#0"), ("/" + "d" * 120 + "/f.jpg#0", "/" + "e" * 120 + "/f.jpg#0")]
+    for a, b in pairs:
+        assert file_stem(a) != file_stem(b), (a, b)
+    long = file_stem("d" * 120 + "/" + "x" * 240 + ".jpg#0")
+    assert len(long) <= 80 and long.split("-")[0].endswith(".jpg_0")
+    assert file_stem("é.jpg#0").startswith("jpg_0-")
+    assert file_stem("日本.jpg#0") != file_stem("中国.jpg#0")
+    assert file_stem("....#0") != "" and not file_stem("....#0").startswith(".")
+
+
+def test_a_face_whose_files_fail_is_rejected_and_the_others_are_kept(tmp_path, faces_dir, face_model_npz,
+                                                                     monkeypatch):
+    import pipeline.reconstruct.outputs as outputs
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("good.jpg", "bad.jpg"):
+        shutil.copy(faces_dir / "000002.jpg", photos / name)
+    real = outputs.write_obj
+
+    def failing_write_obj(path, *args, **kwargs):
+        if "bad" in Path(path).name:
+            raise OSError(36, "File name too long", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(outputs, "write_obj", failing_write_obj)
+    params = quick_reconstruct_params(tmp_path, face_model_npz, write_overlays=False)
+    out = tmp_path / "out"
+    summary = run_reconstruct(["--images", str(photos), "--out", str(out), "--params", str(params)])
+    table = pd.read_parquet(out / "coefficients.parquet")
+    rejects = pd.read_parquet(out / "rejects.parquet")
+    assert list(table["id"]) == ["good.jpg#0"]
+    assert list(rejects["id"]) == ["bad.jpg#0"] and list(rejects["reason"]) == ["output not written"]
+    assert "File name too long" in rejects["detail"].iloc[0] and rejects["stage"].iloc[0] == "reconstruct"
+    assert summary["faces"] == 1 and summary["rejected"] == 1
+    assert all("bad" not in p.name for p in (out / "faces").iterdir())  # no half set of files
