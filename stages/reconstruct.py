@@ -66,9 +66,10 @@ def pick_device(rank: int) -> torch.device:
 
 def gather_faces(args, params: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(faces table, rejects table) from the shards, a folder or photos (preprocessed here as the stages do)."""
-    from pipeline.detect import CropSettings, LandmarkSettings, list_photos, preprocess_photos
+    from pipeline.detect import CropSettings, LandmarkSettings, preprocess_photos
+    from pipeline.detect.photo_io import PHOTO_EXTENSIONS
     from pipeline.segment import MaskSettings
-    from pipeline.shards import read_faces
+    from pipeline.shards import read_faces, screen_photos
 
     if not args.photos and args.images is None:
         shards = sorted(Path(params["reconstruct"]["shards"]).glob("*.parquet"))
@@ -76,9 +77,15 @@ def gather_faces(args, params: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     missing = [p for p in [*args.photos, *([args.images] if args.images else [])] if not p.exists()]
     if missing:
         raise SystemExit(f"no such file or folder: {', '.join(map(str, missing))}")
-    photos = list(args.photos) + (list_photos(args.images) if args.images is not None else [])
-    return preprocess_photos(photos, CropSettings(**params["crop"]), LandmarkSettings(**params["landmarks"]),
-                             MaskSettings(**params["masks"]), params["workers"], root=args.images)
+    photos, screened = list(args.photos), []
+    if args.images is not None:
+        found, screened = screen_photos(args.images, PHOTO_EXTENSIONS)
+        photos += found
+    faces, rejects = preprocess_photos(photos, CropSettings(**params["crop"]), LandmarkSettings(**params["landmarks"]),
+                                       MaskSettings(**params["masks"]), params["workers"], root=args.images)
+    if screened:  # folders named like photos, dangling symlinks, unreadable files: rejects, never skipped
+        rejects = pd.concat([rejects, pd.DataFrame(screened, columns=rejects.columns)], ignore_index=True)
+    return faces, rejects
 
 
 def unwritten_rejects(chunk: pd.DataFrame, failed: list) -> list[dict]:

@@ -116,3 +116,70 @@ def test_a_face_whose_files_fail_is_rejected_and_the_others_are_kept(tmp_path, f
     assert "File name too long" in rejects["detail"].iloc[0] and rejects["stage"].iloc[0] == "reconstruct"
     assert summary["faces"] == 1 and summary["rejected"] == 1
     assert all("bad" not in p.name for p in (out / "faces").iterdir())  # no half set of files
+
+
+# -- item 8: every entry that looks like a photo ends in the outputs or the rejects -------------------------------
+
+def make_bad_entries(photos: Path, faces_dir: Path, monkeypatch) -> dict[str, str]:
+    """One real photo and every kind of entry named like a photo that is not one: {name: expected reason}."""
+    import os
+
+    photos.mkdir(parents=True, exist_ok=True)
+    shutil.copy(faces_dir / "000002.jpg", photos / "real.jpg")
+    (photos / "folder.jpg").mkdir()
+    (photos / "dangling.jpg").symlink_to(photos / "gone.jpg")
+    (photos / "loop.jpg").symlink_to(photos / "loop.jpg")
+    locked = photos / "locked.jpg"
+    shutil.copy(faces_dir / "000006.jpg", locked)
+    locked.chmod(0)
+    if os.geteuid() == 0:  # root reads any file: make this one refuse as it would for a user
+        real_open = os.open
+
+        def refusing_open(path, flags, *args, **kwargs):
+            if Path(path) == locked:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", refusing_open)
+    return {"folder.jpg": "not a file", "dangling.jpg": "unreadable file", "loop.jpg": "unreadable file",
+            "locked.jpg": "unreadable file"}
+
+
+def test_screen_photos_accounts_for_every_photo_named_entry(tmp_path, faces_dir, monkeypatch):
+    from pipeline.detect.photo_io import PHOTO_EXTENSIONS
+    from pipeline.shards import screen_photos
+
+    expected = make_bad_entries(tmp_path / "p", faces_dir, monkeypatch)
+    (tmp_path / "p" / "notes.txt").write_text("not named like a photo")
+    photos, rejects = screen_photos(tmp_path / "p", PHOTO_EXTENSIONS)
+    assert [p.name for p in photos] == ["real.jpg"]
+    assert {Path(r["path"]).name: r["reason"] for r in rejects} == expected
+    assert "broken symlink" in next(r["detail"] for r in rejects if r["path"].endswith("dangling.jpg"))
+
+
+def test_crop_stage_rejects_folders_symlinks_and_unreadable_files(tmp_path, faces_dir, monkeypatch):
+    from stages import crop
+
+    photos = tmp_path / "photos"
+    expected = make_bad_entries(photos, faces_dir, monkeypatch)
+    params = write_params(tmp_path, data={"images": str(photos)}, workers=1)
+    monkeypatch.chdir(tmp_path)
+    crop.main(["--params", str(params)])
+    report = json.loads(Path("reports/crop.json").read_text())
+    crops = pd.read_parquet("data/interim/crops.parquet")
+    rejects = pd.read_parquet("data/interim/crop_rejects.parquet")
+    assert [Path(s).name for s in crops["source"]] == ["real.jpg"]
+    assert dict(zip((Path(p).name for p in rejects["path"]), rejects["reason"])) == expected
+    assert report["inputs"] == 1 + len(expected) and report["rejected"] == len(expected)
+
+
+def test_folder_reconstruction_rejects_what_it_cannot_read(tmp_path, faces_dir, face_model_npz, monkeypatch):
+    photos = tmp_path / "photos"
+    expected = make_bad_entries(photos, faces_dir, monkeypatch)
+    params = quick_reconstruct_params(tmp_path, face_model_npz, write_overlays=False, write_meshes=False,
+                                      write_crops=False)
+    out = tmp_path / "out"
+    summary = run_reconstruct(["--images", str(photos), "--out", str(out), "--params", str(params)])
+    rejects = pd.read_parquet(out / "rejects.parquet")
+    assert dict(zip((Path(p).name for p in rejects["path"]), rejects["reason"])) == expected
+    assert summary["faces"] == 1 and summary["rejected"] == len(expected)
