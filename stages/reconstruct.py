@@ -105,6 +105,23 @@ def drop_unwritten(rows: list[dict], rejects: pd.DataFrame, unwritten: list[dict
     return [r for r in rows if r["id"] not in gone], rejects
 
 
+def clear_owned_outputs(out: Path, report: Path) -> list[Path]:
+    """Delete what an earlier run into `out` left and this run rewrites: coefficients*.parquet, rejects.parquet,
+    the summary report and the per-face files of out/faces (FACE_FILE_SUFFIXES, and the temporary files of an
+    interrupted write); any other file stays. A reused --out then never mixes two runs. Returns what went."""
+    from pipeline.reconstruct.outputs import FACE_FILE_SUFFIXES
+
+    gone = [*out.glob("coefficients*.parquet"), *out.glob("coefficients*.parquet.tmp*"),
+            *[x for x in (out / "rejects.parquet", report) if x.is_file()]]
+    faces = out / "faces"
+    if faces.is_dir():
+        gone += [x for x in faces.iterdir() if x.is_file() and (x.name.endswith(FACE_FILE_SUFFIXES) or (
+            x.name.startswith(".") and x.name.endswith(".tmp")))]
+    for x in gone:
+        x.unlink(missing_ok=True)
+    return gone
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     keep_freed_memory()
@@ -116,6 +133,10 @@ def main(argv=None) -> None:
     out = args.out or Path(p["out"])
     report = args.report or (Path("reports/reconstruct.json") if dvc_mode else out / "summary.json")
 
+    if rank == 0:
+        clear_owned_outputs(out, report)
+    if world > 1:
+        dist.barrier()
     faces, rejects = gather_faces(args, params)
     if not dvc_mode and rank == 0:
         for r in rejects.itertuples(index=False):

@@ -183,3 +183,30 @@ def test_folder_reconstruction_rejects_what_it_cannot_read(tmp_path, faces_dir, 
     rejects = pd.read_parquet(out / "rejects.parquet")
     assert dict(zip((Path(p).name for p in rejects["path"]), rejects["reason"])) == expected
     assert summary["faces"] == 1 and summary["rejected"] == len(expected)
+
+
+# -- item 4: a reused output folder never mixes two runs -------------------------------------------------------
+
+def test_reusing_an_output_folder_clears_the_earlier_runs_results(tmp_path, faces_dir, face_model_npz):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(faces_dir / "000002.jpg", photos / "now.jpg")
+    out = tmp_path / "out"
+    (out / "faces").mkdir(parents=True)
+    stale = [out / "rejects.parquet", out / "coefficients.rank1.parquet", out / "faces" / "before-0123456789.obj",
+             out / "faces" / "before-0123456789_crop.png", out / "faces" / "before-0123456789_overlay.png",
+             out / "faces" / ".before-0123456789.obj.abc.tmp"]
+    pd.DataFrame({"path": ["old.jpg"], "stage": ["crop"], "reason": ["no face"], "detail": [""],
+                  "id": [None]}).to_parquet(stale[0])
+    for path in stale[1:]:
+        path.write_bytes(b"from an earlier run")
+    mine = [out / "notes.txt", out / "faces" / "keep.txt"]
+    for path in mine:
+        path.write_text("the user's")
+    params = quick_reconstruct_params(tmp_path, face_model_npz, write_overlays=False)
+    summary = run_reconstruct(["--images", str(photos), "--out", str(out), "--params", str(params)])
+    assert summary["rejected"] == 0 and not any(p.exists() for p in stale)
+    assert all(p.read_text() == "the user's" for p in mine)
+    stem = pd.read_parquet(out / "coefficients.parquet")["files_stem"].iloc[0]
+    assert sorted(p.name for p in (out / "faces").iterdir()) == sorted(["keep.txt", f"{stem}.obj",
+                                                                        f"{stem}_crop.png"])
