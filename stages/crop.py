@@ -6,11 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-import yaml
-
 from pipeline.detect import CropSettings, run_crop
 from pipeline.detect.photo_io import PHOTO_EXTENSIONS
 from pipeline.shards import REJECTS_SCHEMA, screen_photos, write_table
+from stages import read_params
 
 CROPS = Path("data/interim/crops.parquet")
 REJECTS = Path("data/interim/crop_rejects.parquet")
@@ -21,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
-    params = yaml.safe_load(Path(args.params).read_text())
+    params = read_params(args.params, "data", "crop", "workers")
     images = Path(params["data"]["images"])
     if not images.is_dir():
         raise SystemExit(f"data.images: photo folder not found: {images}")

@@ -7,10 +7,9 @@ import argparse
 import json
 from pathlib import Path
 
-import yaml
-
 from pipeline.host_memory import keep_freed_memory
 from pipeline.segment import MaskSettings, run_masks
+from stages import read_params
 
 CROPS = Path("data/interim/crops.parquet")
 LANDMARKS = Path("data/interim/landmarks.parquet")
@@ -32,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     keep_freed_memory()
-    params = yaml.safe_load(Path(args.params).read_text())
+    params = read_params(args.params, "masks", "workers")
     settings = MaskSettings(**params["masks"])
     report = run_masks(CROPS, LANDMARKS, settings, params["workers"], parsing_device(settings), MASKS, REJECTS)
     report.write_json(REPORT)

@@ -20,7 +20,6 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.distributed as dist
-import yaml
 from tqdm import tqdm
 
 from pipeline.face_model import FaceDecoder, load_face_model
@@ -29,6 +28,7 @@ from pipeline.losses import landmark_weights
 from pipeline.reconstruct.fit import FitSettings
 from pipeline.reconstruct.outputs import FaceOutputs, write_face_files
 from pipeline.reconstruct.stream import reconstruct_faces
+from stages import read_params
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,16 +38,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--images", type=Path, help="a folder of photos to reconstruct (searched recursively)")
     ap.add_argument("--out", type=Path, help="output folder (default: reconstruct.out)")
     ap.add_argument("--method", choices=["fit", "network", "network+fit"], help="override reconstruct.method")
-    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--params", type=Path, help="parameters (default: ./params.yaml, else the repository's)")
     ap.add_argument("--report", type=Path, help="metrics JSON (default: reports/reconstruct.json for the "
                                                  "DVC stage, <out>/summary.json otherwise)")
     return ap.parse_args(argv)
 
 
-def load_params(path: Path) -> dict:
-    if not path.exists():  # single-photo use outside the repository: the defaults live in the repo's params.yaml
-        path = Path(__file__).resolve().parents[1] / "params.yaml"
-    return yaml.safe_load(path.read_text())
+PARAM_SECTIONS = ("reconstruct", "crop", "landmarks", "masks", "workers")
+
+
+def load_params(path: Path | None) -> dict:
+    """The parameters, checked before any work: `path` (which must exist: a mistyped --params is an error, not
+    the defaults), or without one ./params.yaml, else the repository's (single-photo use from elsewhere)."""
+    if path is None:
+        path = Path("params.yaml")
+        if not path.is_file():
+            path = Path(__file__).resolve().parents[1] / "params.yaml"
+    params = read_params(path, *PARAM_SECTIONS)
+    from pipeline.detect import CropSettings, LandmarkSettings
+    from pipeline.segment import MaskSettings
+
+    try:  # the settings classes check their own values (e.g. crop.detector) before any work, too
+        CropSettings(**params["crop"]), LandmarkSettings(**params["landmarks"]), MaskSettings(**params["masks"])
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"{path}: bad parameters: {error}") from None
+    return params
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -127,6 +142,12 @@ def main(argv=None) -> None:
     keep_freed_memory()
     params = load_params(args.params)
     p = params["reconstruct"]
+    try:
+        fit = FitSettings.from_params(p)
+    except (TypeError, ValueError) as error:  # e.g. a loss weight the loss does not know
+        raise SystemExit(f"reconstruct: bad parameters: {error}") from None
+    if not Path(p["face_model"]).is_file():
+        raise SystemExit(f"reconstruct.face_model: no such file: {p['face_model']} (dvc repro albedo makes it)")
     rank, world = distributed_rank()
     device = pick_device(rank)
     dvc_mode = not args.photos and args.images is None
@@ -160,7 +181,6 @@ def main(argv=None) -> None:
             print(f"{checkpoint} not found: reconstructing by per-image fitting (method fit)", file=sys.stderr)
             method = "fit"
     decoder = FaceDecoder(model if model is not None else load_face_model(model_path)).to(device)
-    fit = FitSettings.from_params(p)
     lmk_w = landmark_weights().to(device)
     files = FaceOutputs(meshes=p["write_meshes"], overlays=p["write_overlays"], crops=p["write_crops"])
 

@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from pipeline.face_model import FaceDecoder, load_face_model
 from pipeline.reconstruct.report import face_cards, read_metrics, report_html
 from pipeline.shards import decode_rgb, read_faces
+from stages import read_params
 
 RECONSTRUCT_SUMMARY = Path("reports/reconstruct.json")  # the reconstruct stage's summary (dvc.yaml)
 
@@ -35,7 +35,8 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default="reports/index.html")
     args = ap.parse_args()
-    params = yaml.safe_load(Path(args.params).read_text())
+    params = read_params(args.params, "report", "reconstruct.out", "reconstruct.shards",
+                         "reconstruct.face_model")
     p, rec = params["report"], params["reconstruct"]  # the report shows what the reconstruct stage wrote
 
     reconstructions = Path(rec["out"])

@@ -20,7 +20,6 @@ import argparse
 import json
 from pathlib import Path
 
-import yaml
 from dvclive import Live
 
 from pipeline.face_model import CoeffLayout, load_face_model
@@ -29,6 +28,7 @@ from pipeline.losses.hybrid import LossWeights
 from pipeline.nets import build_rnet
 from pipeline.shards import ShardDataset
 from pipeline.train import AugmentSettings, TrainConfig, TrainPaths, init_distributed, shutdown, train
+from stages import read_params
 
 PATHS = TrainPaths(rnet=Path("models/rnet.pt"), last=Path("models/rnet_last.pt"),
                    face_model=Path("models/rnet_face_model.npz"), grid=Path("reports/train_grid.png"))
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args()
     keep_freed_memory()
-    p = yaml.safe_load(args.params.read_text())["train"]
+    p = read_params(args.params, "train")["train"]
     cfg = train_config(p)
     world = init_distributed(p["device"])
     face_model = load_face_model(p["face_model"])
