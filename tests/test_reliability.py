@@ -298,3 +298,52 @@ def test_the_repositorys_parameters_pass_and_unknown_keys_are_allowed():
     assert param_errors(params, *params) == []
     del params["reconstruct"]["full_steps"]
     assert param_errors(params, "reconstruct") == ["reconstruct.full_steps is missing"]
+
+
+# -- item 3: compiled caches are no part of the DVC dependencies ------------------------------------------------
+
+DEP_HASHES = """
+import json
+from dvc.repo import Repo
+hashes = {}
+for stage in Repo(".").index.stages:
+    for dep in stage.deps:
+        if dep.def_path.startswith(("pipeline", "stages")) and dep.def_path not in hashes:
+            hashes[dep.def_path] = dep.get_hash().value
+print(json.dumps(hashes))
+"""
+
+IMPORT_ALL = """
+import importlib, pathlib, sys
+for path in sorted(pathlib.Path("pipeline").rglob("*.py")) + sorted(pathlib.Path("stages").glob("*.py")):
+    importlib.import_module(".".join(path.with_suffix("").parts).removesuffix(".__init__"))
+assert pathlib.Path(sys.modules["pipeline"].__file__).resolve().parent == pathlib.Path("pipeline").resolve()
+"""
+
+
+@pytest.mark.slow
+def test_a_fresh_clones_dependencies_do_not_change_when_caches_are_written(tmp_path):
+    """`dvc status` stays as it was after importing every module (bytecode) and a numba kernel cache write: the
+    dependency directories hash only their tracked files."""
+    import subprocess
+    import sys
+
+    (tmp_path / "shared").symlink_to(REPO_ROOT.parent / "shared")
+    clone = tmp_path / "repo"
+    subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(clone)], check=True)
+    shutil.copy(REPO_ROOT / ".dvcignore", clone / ".dvcignore")  # the working tree's, committed or not
+
+    def dep_hashes() -> dict:
+        done = subprocess.run([sys.executable, "-c", DEP_HASHES], cwd=clone, capture_output=True, text=True,
+                              check=True)
+        return json.loads(done.stdout)
+
+    before = dep_hashes()
+    subprocess.run([sys.executable, "-c", IMPORT_ALL], cwd=clone, check=True, capture_output=True,
+                   env={**__import__("os").environ, "PYTHONDONTWRITEBYTECODE": ""})
+    assert list((clone / "pipeline" / "render" / "__pycache__").glob("*.pyc"))  # bytecode was written
+    # what numba's cache=True writes on a kernel's first compile, beside the bytecode
+    (clone / "pipeline" / "render" / "__pycache__" / "raster_cpu._zbuffer_items-99.py311.nbi").write_bytes(b"i")
+    (clone / "pipeline" / "render" / "__pycache__" / "raster_cpu._zbuffer_items-99.py311.1.nbc").write_bytes(b"c")
+    after = dep_hashes()
+    assert after == before
