@@ -347,3 +347,38 @@ def test_a_fresh_clones_dependencies_do_not_change_when_caches_are_written(tmp_p
     (clone / "pipeline" / "render" / "__pycache__" / "raster_cpu._zbuffer_items-99.py311.1.nbc").write_bytes(b"c")
     after = dep_hashes()
     assert after == before
+
+
+# -- item 11: a killed writer's temporary file does not survive the rerun ----------------------------------------
+
+def test_a_rerun_removes_the_temporary_file_of_a_killed_writer(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from pipeline.shards import REJECTS_SCHEMA, write_table
+
+    target = tmp_path / "crop_rejects.parquet"
+    killed = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from pipeline.shards import REJECTS_SCHEMA, TableWriter\n"
+        f"w = TableWriter({str(target)!r}, REJECTS_SCHEMA, row_group_rows=1)\n"
+        "w.write_rows([{'path': 'a.jpg', 'stage': 'crop', 'reason': 'no face', 'detail': '', 'id': None}])\n"
+        "print('written', flush=True)\n"
+        "time.sleep(60)\n")], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    assert killed.stdout.readline().strip() == "written"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    litter = tmp_path / f"crop_rejects.parquet.tmp-{killed.pid}"
+    assert litter.exists() and not target.exists()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        busy = tmp_path / f"crop_rejects.parquet.tmp-{alive.pid}"  # a writer still at work keeps its file
+        busy.write_bytes(b"in progress")
+        other = tmp_path / "other.parquet.tmp-1"  # another output's: not this writer's business
+        other.write_bytes(b"x")
+        write_table([], target, REJECTS_SCHEMA)
+        assert target.exists() and not litter.exists() and busy.exists() and other.exists()
+    finally:
+        alive.kill()
+        alive.wait()
