@@ -382,3 +382,51 @@ def test_a_rerun_removes_the_temporary_file_of_a_killed_writer(tmp_path):
     finally:
         alive.kill()
         alive.wait()
+
+
+# -- items 10, 12, 15: training resumes its curves without repeats, survives a corrupt checkpoint, shows progress
+
+def test_resumed_training_logs_each_step_once(tmp_path):
+    from stages.train import open_live
+
+    live_dir = tmp_path / "train"
+    live = open_live(live_dir, 0)  # the first run: steps 0..171, then killed (no live.end())
+    for step in range(0, 172):
+        live.step = step
+        live.log_metric("train/loss", float(step))
+        if step % 25 == 0:
+            live.log_metric("val/landmark_px", float(step))
+    live = open_live(live_dir, 151)  # the rerun resumes from the checkpoint at step 150
+    for step in range(151, 301):
+        live.step = step
+        live.log_metric("train/loss", float(step))
+        if step % 25 == 0:
+            live.log_metric("val/landmark_px", float(step))
+    live.end()
+    loss = pd.read_csv(live_dir / "plots" / "metrics" / "train" / "loss.tsv", sep="\t")
+    val = pd.read_csv(live_dir / "plots" / "metrics" / "val" / "landmark_px.tsv", sep="\t")
+    assert list(loss["step"]) == list(range(0, 301)) and list(loss["loss"]) == list(range(0, 301))
+    assert list(val["step"]) == list(range(0, 301, 25))
+
+
+def test_a_corrupt_resumable_checkpoint_restarts_training_and_names_the_file(tmp_path, capsys):
+    from test_train import run_tiny, tiny_config, tiny_faces
+
+    (tmp_path / "run").mkdir()
+    last = tmp_path / "run" / "rnet_last.pt"
+    last.write_bytes(b"PK\x03\x04 truncated by a full disk")
+    result = run_tiny(tiny_config(epochs=1), tmp_path / "run", tiny_faces(8), [])
+    out = capsys.readouterr()
+    assert result.metrics["resumed_from_step"] == 0 and result.metrics["steps"] == 2
+    assert f"{last} cannot be resumed from" in out.out and "training from scratch" in out.out
+    assert "train.resume: false" in out.out
+    from pipeline.train.checkpoint import load_checkpoint
+    assert load_checkpoint(last)["step"] == 2  # replaced by a good one
+
+
+def test_training_shows_a_progress_bar_with_loss_and_speed(tmp_path, capsys):
+    from test_train import run_tiny, tiny_config, tiny_faces
+
+    run_tiny(tiny_config(epochs=1), tmp_path / "run", tiny_faces(8), [])
+    err = capsys.readouterr().err
+    assert "train: 100%" in err and "2/2" in err and "loss=" in err and "img_s=" in err
