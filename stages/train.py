@@ -43,6 +43,33 @@ def train_config(p: dict) -> TrainConfig:
                        augment=AugmentSettings(**p["augment"]), trainable=tuple(p["trainable"]))
 
 
+def trim_live_logs(live_dir: str | Path, last_step: int) -> int:
+    """Drop the rows after `last_step` from every dvclive curve (<live_dir>/plots/metrics/**/*.tsv): the steps an
+    interrupted run logged after its last checkpoint, which the resumed run logs again. Returns rows dropped."""
+    dropped = 0
+    for tsv in sorted(Path(live_dir, "plots", "metrics").rglob("*.tsv")):
+        lines = tsv.read_text().splitlines(keepends=True)
+        if not lines:
+            continue
+        header, rows = lines[0].rstrip("\n").split("\t"), lines[1:]
+        if "step" not in header:
+            continue
+        col = header.index("step")
+        kept = [r for r in rows if r.strip() and int(float(r.split("\t")[col])) <= last_step]
+        if len(kept) != len(rows):
+            dropped += len(rows) - len(kept)
+            tsv.write_text(lines[0] + "".join(kept))
+    return dropped
+
+
+def open_live(live_dir: str | Path, first_step: int) -> Live:
+    """dvclive's logger for a run whose first logged step is `first_step`: a fresh run (0) starts new curves, a
+    resumed one continues the interrupted run's, without the steps after its checkpoint (logged again now)."""
+    if first_step > 0:
+        trim_live_logs(live_dir, first_step - 1)
+    return Live(dir=str(live_dir), resume=first_step > 0, save_dvc_exp=False, dvcyaml=None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,8 +95,8 @@ def main() -> None:
 
     def log(step: int, values: dict[str, float]) -> None:
         nonlocal live
-        if live is None:  # a resumed run continues the curves of the interrupted one
-            live = Live(dir=LIVE_DIR, resume=step > 0, save_dvc_exp=False, dvcyaml=None)
+        if live is None:
+            live = open_live(LIVE_DIR, step)
         live.step = step
         for name, value in values.items():
             live.log_metric(name, value)
