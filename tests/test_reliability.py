@@ -430,3 +430,30 @@ def test_training_shows_a_progress_bar_with_loss_and_speed(tmp_path, capsys):
     run_tiny(tiny_config(epochs=1), tmp_path / "run", tiny_faces(8), [])
     err = capsys.readouterr().err
     assert "train: 100%" in err and "2/2" in err and "loss=" in err and "img_s=" in err
+
+
+# -- item 9: the same photo under two names cannot land in both train and val -----------------------------------
+
+def test_duplicate_photos_are_packed_once_and_recorded(tmp_path, faces_dir, monkeypatch):
+    from pipeline.shards import read_faces, split_of
+    from stages import crop, landmarks, masks, pack
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    names = ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg"]
+    assert len({split_of(f"{n}#0", 0.5) for n in names}) == 2  # by name these copies would go to both splits
+    for name in names:
+        shutil.copy(faces_dir / "000002.jpg", photos / name)
+    shutil.copy(faces_dir / "000033.jpg", photos / "other.jpg")
+    params = write_params(tmp_path, data={"images": str(photos)}, pack={"val_ratio": 0.5}, workers=1)
+    monkeypatch.chdir(tmp_path)
+    for stage in (crop, landmarks, masks, pack):
+        stage.main(["--params", str(params)])
+    faces = read_faces(sorted(Path("data/shards").glob("*.parquet")))
+    rejects = pd.read_parquet("reports/rejects.parquet")
+    assert sorted(faces["id"]) == ["a.jpg#0", "other.jpg#0"]
+    assert sorted(rejects["id"]) == [f"{n}#0" for n in names[1:]]
+    assert set(rejects["reason"]) == {"duplicate face"} and set(rejects["stage"]) == {"pack"}
+    assert all(d == "identical crop to a.jpg#0" for d in rejects["detail"])
+    report = json.loads(Path("reports/pack.json").read_text())
+    assert report["outputs"] == 2 and report["photos_kept"] == 2 and report["photos_rejected"] == 5
