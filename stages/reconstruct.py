@@ -103,6 +103,13 @@ def gather_faces(args, params: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     return faces, rejects
 
 
+def print_rejects(rejects: pd.DataFrame) -> None:
+    """One stderr line per reject; names and details quoted as Python literals, so a file name holding a newline
+    or a terminal escape cannot fake or hide lines."""
+    for r in rejects.itertuples(index=False):
+        print(f"{r.path!r}: {r.reason} ({r.detail!r})", file=sys.stderr)
+
+
 def unwritten_rejects(chunk: pd.DataFrame, failed: list) -> list[dict]:
     """Reject rows (REJECTS_SCHEMA's columns) for the faces of `chunk` whose files could not be written."""
     return [{"path": chunk["source"].iloc[i], "stage": "reconstruct", "reason": "output not written",
@@ -160,8 +167,7 @@ def main(argv=None) -> None:
         dist.barrier()
     faces, rejects = gather_faces(args, params)
     if not dvc_mode and rank == 0:
-        for r in rejects.itertuples(index=False):
-            print(f"{r.path}: {r.reason} ({r.detail})", file=sys.stderr)
+        print_rejects(rejects)
         if len(faces) == 0:
             raise SystemExit("no face to reconstruct")
     faces = faces.iloc[rank::world].reset_index(drop=True)

@@ -457,3 +457,28 @@ def test_duplicate_photos_are_packed_once_and_recorded(tmp_path, faces_dir, monk
     assert all(d == "identical crop to a.jpg#0" for d in rejects["detail"])
     report = json.loads(Path("reports/pack.json").read_text())
     assert report["outputs"] == 2 and report["photos_kept"] == 2 and report["photos_rejected"] == 5
+
+
+# -- item 13: printed rejects cannot be spoofed; meshes get the umask's permissions as the images do --------------
+
+def test_reject_lines_quote_names_and_meshes_follow_the_umask(tmp_path, faces_dir, face_model_npz, capsys):
+    import os
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(faces_dir / "000002.jpg", photos / "real.jpg")
+    evil = "x.jpg\nreal.jpg: no face (spoofed).jpg"
+    (photos / evil).write_text("not a photo")
+    (photos / "esc\x1b[2K.jpg").write_text("not a photo")
+    params = quick_reconstruct_params(tmp_path, face_model_npz, write_overlays=False)
+    out = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        run_reconstruct(["--images", str(photos), "--out", str(out), "--params", str(params)])
+    finally:
+        os.umask(old)
+    err = [line for line in capsys.readouterr().err.splitlines() if "not an image" in line or "spoofed" in line]
+    assert len(err) == 2 and all("not an image" in line for line in err)
+    assert any(repr(str(photos / evil)) in line for line in err) and not any("\x1b" in line for line in err)
+    modes = {p.suffix: p.stat().st_mode & 0o777 for p in (out / "faces").iterdir()}
+    assert modes == {".obj": 0o644, ".png": 0o644}
