@@ -14,6 +14,7 @@ from pipeline.shards import decode_rgb, read_faces
 from stages import read_params
 
 RECONSTRUCT_SUMMARY = Path("reports/reconstruct.json")  # the reconstruct stage's summary (dvc.yaml)
+TRAIN_CURVES = Path("reports/train_curves.png")  # the train stage's curves (dvc.yaml), embedded when present
 
 
 def input_crops(shards_dir: Path, ids: set[str]) -> dict:
@@ -49,8 +50,10 @@ def main() -> None:
     crops = input_crops(Path(rec["shards"]), set(shown["id"]))
     cards = face_cards(shown, FaceDecoder(model), reconstructions / "faces", crops)
     metrics = read_metrics({title: Path(path) for title, path in p["metrics"].items()})
+    figures = {"R-Net training: loss, loss terms, validation landmark error, learning rate":
+               TRAIN_CURVES.read_bytes()} if TRAIN_CURVES.is_file() else {}
     page = report_html(p["title"], summary_line(table, len(shown), model.name), metrics, cards,
-                       p["thumb_px"], p["jpeg_quality"])
+                       p["thumb_px"], p["jpeg_quality"], figures)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,12 +28,14 @@ from pipeline.losses.hybrid import LossWeights
 from pipeline.nets import build_rnet
 from pipeline.shards import ShardDataset
 from pipeline.train import AugmentSettings, TrainConfig, TrainPaths, init_distributed, shutdown, train
+from pipeline.train.curves import plot_training_curves
 from stages import read_params
 
 PATHS = TrainPaths(rnet=Path("models/rnet.pt"), last=Path("models/rnet_last.pt"),
                    face_model=Path("models/rnet_face_model.npz"), grid=Path("reports/train_grid.png"))
 LIVE_DIR = "reports/train"
 METRICS = Path("reports/train.json")
+CURVES = Path("reports/train_curves.png")
 
 
 def train_config(p: dict) -> TrainConfig:
@@ -105,6 +107,7 @@ def main() -> None:
                    resume=p["resume"])
     if world.is_main:
         live.end()
+        plot_training_curves(LIVE_DIR, CURVES)  # the curves offline (dvc plots show loads its charts from a CDN)
         METRICS.parent.mkdir(parents=True, exist_ok=True)
         METRICS.write_text(json.dumps({**result.metrics, "arch": cfg.arch}, indent=2) + "\n")
         m = result.metrics

@@ -482,3 +482,56 @@ def test_reject_lines_quote_names_and_meshes_follow_the_umask(tmp_path, faces_di
     assert any(repr(str(photos / evil)) in line for line in err) and not any("\x1b" in line for line in err)
     modes = {p.suffix: p.stat().st_mode & 0o777 for p in (out / "faces").iterdir()}
     assert modes == {".obj": 0o644, ".png": 0o644}
+
+
+# -- item 14: headline metrics only; training curves as a PNG that the report embeds ------------------------------
+
+HEADLINE_METRICS = {"reports/metrics.json", "reports/bench.json", "reports/train.json"}
+STAGE_COUNTS = {f"reports/{s}.json" for s in ("crop", "landmarks", "masks", "pack", "albedo", "reconstruct")}
+
+
+def test_dvc_metrics_are_the_headline_numbers_and_stage_counts_plain_outputs():
+    import subprocess
+    import sys
+
+    spec = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    metrics = {next(iter(m)) if isinstance(m, dict) else m for s in spec.values() for m in s.get("metrics", [])}
+    assert metrics == HEADLINE_METRICS
+    outs = {next(iter(o)): o[next(iter(o))] for s in spec.values() for o in s.get("outs", []) if isinstance(o, dict)}
+    assert all(outs[path] == {"cache": False} for path in STAGE_COUNTS)
+    dvc = Path(sys.executable).with_name("dvc")
+    shown = subprocess.run([str(dvc), "metrics", "show", "--json"], cwd=REPO_ROOT, capture_output=True, text=True,
+                           check=True)
+    files = {f for rev in json.loads(shown.stdout).values() for f in rev.get("data", {})}
+    assert files <= HEADLINE_METRICS and not files & STAGE_COUNTS
+    train_plots = {next(iter(p)) if isinstance(p, dict) else p for p in spec["train"]["plots"]}
+    assert "reports/train_curves.png" in train_plots and "reports/train_curves.png" in spec["report"]["deps"]
+
+
+def test_training_curves_png_is_drawn_and_embedded_in_the_report(tmp_path):
+    import base64
+
+    from pipeline.reconstruct.report import report_html
+    from pipeline.train.curves import plot_training_curves
+    from stages.train import open_live
+
+    live = open_live(tmp_path / "train", 0)
+    for step in range(0, 40):
+        live.step = step
+        live.log_metric("train/loss", 2.0 / (step + 1))
+        live.log_metric("train/coefficient", 0.0)  # a zero term on a log axis must not break the plot
+        live.log_metric("lr", 1e-3)
+        if step % 10 == 0:
+            live.log_metric("val/landmark_px", 10.0 - step / 10)
+    live.end()
+    png = plot_training_curves(tmp_path / "train", tmp_path / "curves.png")
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    import cv2
+    import numpy as np
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert image.shape[:2] == (650, 1000) and image.std() > 10  # drawn, not blank
+    assert plot_training_curves(tmp_path / "nothing", tmp_path / "none.png") is None
+    page = report_html("t", "s", {}, [], 96, 80, {"training curves": data})
+    assert f'src="data:image/png;base64,{base64.b64encode(data).decode()}"' in page
+    assert "http://" not in page and "https://" not in page and "Training curves" in page
