@@ -134,6 +134,7 @@ def clear_owned_outputs(out: Path, report: Path) -> list[Path]:
     from pipeline.reconstruct.outputs import FACE_FILE_SUFFIXES
 
     gone = [*out.glob("coefficients*.parquet"), *out.glob("coefficients*.parquet.tmp*"),
+            *out.glob("rejects.rank*.parquet"),
             *[x for x in (out / "rejects.parquet", report) if x.is_file()]]
     faces = out / "faces"
     if faces.is_dir():
@@ -142,6 +143,17 @@ def clear_owned_outputs(out: Path, report: Path) -> list[Path]:
     for x in gone:
         x.unlink(missing_ok=True)
     return gone
+
+
+def merge_rank_rejects(out: Path, rank: int, rejects: pd.DataFrame) -> pd.DataFrame:
+    """Rank 0 under torchrun: `rejects` (its own rows, the photos' and its unwritten faces) plus the other
+    ranks' unwritten faces from their rejects.rank<r>.parquet, which it deletes."""
+    extra = []
+    for x in sorted(out.glob("rejects.rank*.parquet")):
+        if x.name != f"rejects.rank{rank}.parquet":
+            extra.append(pd.read_parquet(x))
+        x.unlink()
+    return pd.concat([rejects, *extra], ignore_index=True) if extra else rejects
 
 
 def main(argv=None) -> None:
@@ -211,16 +223,22 @@ def main(argv=None) -> None:
     part = out / (f"coefficients.rank{rank}.parquet" if world > 1 else "coefficients.parquet")
     table.to_parquet(part, index=False)
     if world > 1:
+        if unwritten:  # this rank's faces whose files failed: rank 0 adds them to the rejects
+            pd.DataFrame(unwritten).to_parquet(out / f"rejects.rank{rank}.parquet", index=False)
         dist.barrier()
         if rank == 0:
             parts = [out / f"coefficients.rank{r}.parquet" for r in range(world)]
-            pd.concat([pd.read_parquet(x) for x in parts], ignore_index=True).to_parquet(
-                out / "coefficients.parquet", index=False)
+            merged = pd.concat([pd.read_parquet(x) for x in parts], ignore_index=True)
+            merged.to_parquet(out / "coefficients.parquet", index=False)
+            faces_done = len(merged)
             for x in parts:
                 x.unlink()
+            rejects = merge_rank_rejects(out, rank, rejects)
         dist.destroy_process_group()
+    else:
+        faces_done = len(table)
     if rank == 0:
-        summary = {"faces": len(faces) * world if world > 1 else len(table), "rejected": len(rejects),
+        summary = {"faces": faces_done, "rejected": len(rejects),
                    "method": method, "face_model": str(model_path), "seconds": round(seconds, 3),
                    "faces_per_s": round(len(faces) / seconds, 3) if seconds > 0 else None,
                    "masked_psnr_mean": float(table["masked_psnr"].mean()) if len(table) else None}

@@ -535,3 +535,16 @@ def test_training_curves_png_is_drawn_and_embedded_in_the_report(tmp_path):
     page = report_html("t", "s", {}, [], 96, 80, {"training curves": data})
     assert f'src="data:image/png;base64,{base64.b64encode(data).decode()}"' in page
     assert "http://" not in page and "https://" not in page and "Training curves" in page
+
+
+def test_rank_zero_gathers_the_other_ranks_unwritten_faces(tmp_path):
+    from stages.reconstruct import merge_rank_rejects, unwritten_rejects
+
+    chunk = pd.DataFrame({"id": ["p.jpg#0", "q.jpg#0"], "source": ["p.jpg", "q.jpg"]})
+    own = pd.DataFrame(unwritten_rejects(chunk.iloc[:1], [(0, OSError(28, "No space left on device"))]))
+    pd.DataFrame(unwritten_rejects(chunk.iloc[1:], [(0, OSError(36, "File name too long"))])).to_parquet(
+        tmp_path / "rejects.rank1.parquet")
+    own.to_parquet(tmp_path / "rejects.rank0.parquet")
+    merged = merge_rank_rejects(tmp_path, 0, own)
+    assert list(merged["id"]) == ["p.jpg#0", "q.jpg#0"] and set(merged["reason"]) == {"output not written"}
+    assert "File name too long" in merged["detail"].iloc[1] and not list(tmp_path.glob("rejects.rank*"))
