@@ -162,3 +162,12 @@ def read_params(path, *sections: str) -> dict:
     if errors:
         raise SystemExit(f"{path}: bad parameters:\n  " + "\n  ".join(errors))
     return params
+
+
+def build_settings(cls, values: dict, section: str):
+    """cls(**values) for a settings class that checks its own values (CropSettings, ...): its refusal (an
+    unknown key, a value it does not accept) stops the stage with the message, before any work."""
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"bad parameters in {section}: {error}") from None

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from pipeline.detect import LandmarkSettings, run_landmarks
-from stages import read_params
+from stages import build_settings, read_params
 
 CROPS = Path("data/interim/crops.parquet")
 LANDMARKS = Path("data/interim/landmarks.parquet")
@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     params = read_params(args.params, "landmarks", "workers")
-    report = run_landmarks(CROPS, LandmarkSettings(**params["landmarks"]), params["workers"], LANDMARKS, REJECTS)
+    settings = build_settings(LandmarkSettings, params["landmarks"], "landmarks")
+    report = run_landmarks(CROPS, settings, params["workers"], LANDMARKS, REJECTS)
     report.write_json(REPORT)
     print(json.dumps(report.as_dict()))
 

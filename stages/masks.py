@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.host_memory import keep_freed_memory
 from pipeline.segment import MaskSettings, run_masks
-from stages import read_params
+from stages import build_settings, read_params
 
 CROPS = Path("data/interim/crops.parquet")
 LANDMARKS = Path("data/interim/landmarks.parquet")
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     keep_freed_memory()
     params = read_params(args.params, "masks", "workers")
-    settings = MaskSettings(**params["masks"])
+    settings = build_settings(MaskSettings, params["masks"], "masks")
     report = run_masks(CROPS, LANDMARKS, settings, params["workers"], parsing_device(settings), MASKS, REJECTS)
     report.write_json(REPORT)
     print(json.dumps(report.as_dict()))
