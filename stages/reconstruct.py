@@ -96,8 +96,9 @@ def gather_faces(args, params: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     if args.images is not None:
         found, screened = screen_photos(args.images, PHOTO_EXTENSIONS)
         photos += found
-    faces, rejects = preprocess_photos(photos, CropSettings(**params["crop"]), LandmarkSettings(**params["landmarks"]),
-                                       MaskSettings(**params["masks"]), params["workers"], root=args.images)
+    faces, rejects = preprocess_photos(photos, CropSettings(**params["crop"]),
+                                       LandmarkSettings(**params["landmarks"]), MaskSettings(**params["masks"]),
+                                       params["workers"], root=args.images)
     if screened:  # folders named like photos, dangling symlinks, unreadable files: rejects, never skipped
         rejects = pd.concat([rejects, pd.DataFrame(screened, columns=rejects.columns)], ignore_index=True)
     return faces, rejects

@@ -80,7 +80,8 @@ def test_file_stems_are_bounded_unique_and_readable():
     assert file_stem("../shared/x.png#1").startswith("shared_x.png_1-")
     assert file_stem("/abs/dir/y.jpg#2").startswith("abs_dir_y.jpg_2-")
     pairs = [("a b.jpg#0", "a_b.jpg#0"), ("é.jpg#0", "ü.jpg#0"), ("p.jpg#0", "p.jpg#1"),
-             ("x" * 240 + "1.jpg#0", "x" * 240 + "2.jpg#0"), ("/" + "d" * 120 + "/f.jpg#0", "/" + "e" * 120 + "/f.jpg#0")]
+             ("x" * 240 + "1.jpg#0", "x" * 240 + "2.jpg#0"),
+             ("/" + "d" * 120 + "/f.jpg#0", "/" + "e" * 120 + "/f.jpg#0")]
     for a, b in pairs:
         assert file_stem(a) != file_stem(b), (a, b)
     long = file_stem("d" * 120 + "/" + "x" * 240 + ".jpg#0")
