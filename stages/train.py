@@ -80,6 +80,10 @@ def main() -> None:
     keep_freed_memory()
     p = read_params(args.params, "train")["train"]
     cfg = train_config(p)
+    try:  # needed only at the end (the curves PNG): fail now rather than after the training
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("matplotlib is missing (reports/train_curves.png): pip install -r requirements.lock") from None
     world = init_distributed(p["device"])
     face_model = load_face_model(p["face_model"])
     net = build_rnet(cfg.arch, CoeffLayout.of(face_model).size, cfg.init_weights or None)
