@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from tqdm import tqdm
 
 from pipeline.face_model import FaceDecoder, load_face_model, save_face_model
@@ -19,6 +18,7 @@ from pipeline.reconstruct.albedo import build_albedo_model, reflectance_samples
 from pipeline.reconstruct.fit import FitSettings, fit_coefficients
 from pipeline.reconstruct.outputs import faces_to_batch
 from pipeline.shards import read_faces
+from stages import read_params
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--report", default="reports/albedo.json")
     args = ap.parse_args()
     keep_freed_memory()
-    p = yaml.safe_load(Path(args.params).read_text())["albedo"]
+    p = read_params(args.params, "albedo")["albedo"]
     torch.manual_seed(0)
 
     model = load_face_model(args.face_model)

@@ -15,7 +15,6 @@ import platform
 from pathlib import Path
 
 import torch
-import yaml
 
 from pipeline.bench.preprocess import dlib_bound_img_s, preprocess_img_s
 from pipeline.bench.reconstruct import reconstruct_throughput
@@ -30,6 +29,7 @@ from pipeline.reconstruct.fit import FitSettings
 from pipeline.segment import MaskSettings
 from pipeline.shards import ShardDataset, read_faces
 from stages.train import train_config
+from stages import read_params
 
 
 def main() -> None:
@@ -38,7 +38,8 @@ def main() -> None:
     ap.add_argument("--out", default="reports/bench.json")
     args = ap.parse_args()
     keep_freed_memory()
-    params = yaml.safe_load(Path(args.params).read_text())
+    params = read_params(args.params, "bench", "data", "face_model", "crop", "landmarks", "masks",
+                         "workers", "reconstruct", "train")
     b = params["bench"]
     size, batch, repeats = b["size_px"], b["batch"], b["repeats"]
     torch.manual_seed(0)

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from pipeline.evaluate.annotations import find_annotations
 from pipeline.evaluate.benchmark import (add_peer_scores, annotated_metrics, annotated_scores, landmark_column,
@@ -38,6 +37,7 @@ from pipeline.evaluate.eos_baseline import SFM_VERTS, EosFitter
 from pipeline.evaluate.landmark_floor import model_landmark_floor
 from pipeline.face_model import FaceDecoder, load_face_model
 from pipeline.host_memory import keep_freed_memory
+from stages import read_params
 
 
 def seconds_per_face(summary_path: Path) -> float | None:
@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     ap.add_argument("--faces", type=Path, default=Path("reports/evaluate_faces.csv"))
     args = ap.parse_args(argv)
     keep_freed_memory()
-    params = yaml.safe_load(args.params.read_text())
+    params = read_params(args.params, "evaluate", "synth.face_model", "reconstruct.out")
     p = params["evaluate"]
     model = load_face_model(params["synth"]["face_model"])
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
-
 from pipeline.face_model import save_face_model
 from pipeline.face_model.bfm import convert_bfm
 from pipeline.face_model.mediapipe_mesh import with_mesh468
 from pipeline.face_model.sfm import convert_sfm
+from stages import read_params
 
 
 def main() -> None:
@@ -18,7 +17,7 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default="models/face_model.npz")
     args = ap.parse_args()
-    p = yaml.safe_load(Path(args.params).read_text())["face_model"]
+    p = read_params(args.params, "face_model")["face_model"]
     if p["source"] == "sfm":
         model = convert_sfm(p["sfm_dir"], p["bfm_aux_dir"], tuple(p["sfm_albedo_rgb"]))
     elif p["source"] == "bfm":

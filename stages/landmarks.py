@@ -6,9 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-import yaml
-
 from pipeline.detect import LandmarkSettings, run_landmarks
+from stages import build_settings, read_params
 
 CROPS = Path("data/interim/crops.parquet")
 LANDMARKS = Path("data/interim/landmarks.parquet")
@@ -20,8 +19,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
-    params = yaml.safe_load(Path(args.params).read_text())
-    report = run_landmarks(CROPS, LandmarkSettings(**params["landmarks"]), params["workers"], LANDMARKS, REJECTS)
+    params = read_params(args.params, "landmarks", "workers")
+    settings = build_settings(LandmarkSettings, params["landmarks"], "landmarks")
+    report = run_landmarks(CROPS, settings, params["workers"], LANDMARKS, REJECTS)
     report.write_json(REPORT)
     print(json.dumps(report.as_dict()))
 

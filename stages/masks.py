@@ -7,10 +7,9 @@ import argparse
 import json
 from pathlib import Path
 
-import yaml
-
 from pipeline.host_memory import keep_freed_memory
 from pipeline.segment import MaskSettings, run_masks
+from stages import build_settings, read_params
 
 CROPS = Path("data/interim/crops.parquet")
 LANDMARKS = Path("data/interim/landmarks.parquet")
@@ -32,8 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     keep_freed_memory()
-    params = yaml.safe_load(Path(args.params).read_text())
-    settings = MaskSettings(**params["masks"])
+    params = read_params(args.params, "masks", "workers")
+    settings = build_settings(MaskSettings, params["masks"], "masks")
     report = run_masks(CROPS, LANDMARKS, settings, params["workers"], parsing_device(settings), MASKS, REJECTS)
     report.write_json(REPORT)
     print(json.dumps(report.as_dict()))

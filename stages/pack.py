@@ -6,9 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-import yaml
-
 from pipeline.shards import run_pack
+from stages import read_params
 
 INTERIM = Path("data/interim")
 SHARDS = Path("data/shards")
@@ -21,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
-    p = yaml.safe_load(Path(args.params).read_text())["pack"]
+    p = read_params(args.params, "pack")["pack"]
     report = run_pack(INTERIM / "crops.parquet", INTERIM / "landmarks.parquet", INTERIM / "masks.parquet",
                       STAGE_REJECTS, SHARDS, REJECTS, p["val_ratio"], p["shard_rows"], p["row_group_rows"])
     report.write_json(REPORT)

@@ -7,13 +7,14 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from pipeline.face_model import FaceDecoder, load_face_model
 from pipeline.reconstruct.report import face_cards, read_metrics, report_html
 from pipeline.shards import decode_rgb, read_faces
+from stages import read_params
 
 RECONSTRUCT_SUMMARY = Path("reports/reconstruct.json")  # the reconstruct stage's summary (dvc.yaml)
+TRAIN_CURVES = Path("reports/train_curves.png")  # the train stage's curves (dvc.yaml), embedded when present
 
 
 def input_crops(shards_dir: Path, ids: set[str]) -> dict:
@@ -35,7 +36,8 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default="reports/index.html")
     args = ap.parse_args()
-    params = yaml.safe_load(Path(args.params).read_text())
+    params = read_params(args.params, "report", "reconstruct.out", "reconstruct.shards",
+                         "reconstruct.face_model")
     p, rec = params["report"], params["reconstruct"]  # the report shows what the reconstruct stage wrote
 
     reconstructions = Path(rec["out"])
@@ -48,8 +50,10 @@ def main() -> None:
     crops = input_crops(Path(rec["shards"]), set(shown["id"]))
     cards = face_cards(shown, FaceDecoder(model), reconstructions / "faces", crops)
     metrics = read_metrics({title: Path(path) for title, path in p["metrics"].items()})
+    figures = {"R-Net training: loss, loss terms, validation landmark error, learning rate":
+               TRAIN_CURVES.read_bytes()} if TRAIN_CURVES.is_file() else {}
     page = report_html(p["title"], summary_line(table, len(shown), model.name), metrics, cards,
-                       p["thumb_px"], p["jpeg_quality"])
+                       p["thumb_px"], p["jpeg_quality"], figures)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

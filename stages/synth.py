@@ -23,12 +23,12 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
 from pipeline.evaluate.synth import (SynthSettings, background_patch, painted_albedo, read_five_points,
                                      render_synthetic, sample_canvas_transform, sample_coefficients)
 from pipeline.face_model import FaceDecoder, load_face_model
 from pipeline.host_memory import keep_freed_memory
+from stages import read_params
 
 BATCH = 8  # faces rendered together: bounds memory, keeps the CPU renderer's batches efficient
 
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=Path("data/synth"))
     args = ap.parse_args(argv)
     keep_freed_memory()
-    p = yaml.safe_load(args.params.read_text())["synth"]
+    p = read_params(args.params, "synth")["synth"]
     settings = SynthSettings(**p["sampling"])
     model = load_face_model(p["face_model"])
     if model.k_alb == 0:  # no colour model: give the uniform skin brows, eyes and lips (painted_albedo says why)

@@ -20,7 +20,6 @@ import argparse
 import json
 from pathlib import Path
 
-import yaml
 from dvclive import Live
 
 from pipeline.face_model import CoeffLayout, load_face_model
@@ -29,11 +28,14 @@ from pipeline.losses.hybrid import LossWeights
 from pipeline.nets import build_rnet
 from pipeline.shards import ShardDataset
 from pipeline.train import AugmentSettings, TrainConfig, TrainPaths, init_distributed, shutdown, train
+from pipeline.train.curves import plot_training_curves
+from stages import read_params
 
 PATHS = TrainPaths(rnet=Path("models/rnet.pt"), last=Path("models/rnet_last.pt"),
                    face_model=Path("models/rnet_face_model.npz"), grid=Path("reports/train_grid.png"))
 LIVE_DIR = "reports/train"
 METRICS = Path("reports/train.json")
+CURVES = Path("reports/train_curves.png")
 
 
 def train_config(p: dict) -> TrainConfig:
@@ -43,14 +45,45 @@ def train_config(p: dict) -> TrainConfig:
                        augment=AugmentSettings(**p["augment"]), trainable=tuple(p["trainable"]))
 
 
+def trim_live_logs(live_dir: str | Path, last_step: int) -> int:
+    """Drop the rows after `last_step` from every dvclive curve (<live_dir>/plots/metrics/**/*.tsv): the steps an
+    interrupted run logged after its last checkpoint, which the resumed run logs again. Returns rows dropped."""
+    dropped = 0
+    for tsv in sorted(Path(live_dir, "plots", "metrics").rglob("*.tsv")):
+        lines = tsv.read_text().splitlines(keepends=True)
+        if not lines:
+            continue
+        header, rows = lines[0].rstrip("\n").split("\t"), lines[1:]
+        if "step" not in header:
+            continue
+        col = header.index("step")
+        kept = [r for r in rows if r.strip() and int(float(r.split("\t")[col])) <= last_step]
+        if len(kept) != len(rows):
+            dropped += len(rows) - len(kept)
+            tsv.write_text(lines[0] + "".join(kept))
+    return dropped
+
+
+def open_live(live_dir: str | Path, first_step: int) -> Live:
+    """dvclive's logger for a run whose first logged step is `first_step`: a fresh run (0) starts new curves, a
+    resumed one continues the interrupted run's, without the steps after its checkpoint (logged again now)."""
+    if first_step > 0:
+        trim_live_logs(live_dir, first_step - 1)
+    return Live(dir=str(live_dir), resume=first_step > 0, save_dvc_exp=False, dvcyaml=None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args()
     keep_freed_memory()
-    p = yaml.safe_load(args.params.read_text())["train"]
+    p = read_params(args.params, "train")["train"]
     cfg = train_config(p)
+    try:  # needed only at the end (the curves PNG): fail now rather than after the training
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("matplotlib is missing (reports/train_curves.png): pip install -r requirements.lock") from None
     world = init_distributed(p["device"])
     face_model = load_face_model(p["face_model"])
     net = build_rnet(cfg.arch, CoeffLayout.of(face_model).size, cfg.init_weights or None)
@@ -68,8 +101,8 @@ def main() -> None:
 
     def log(step: int, values: dict[str, float]) -> None:
         nonlocal live
-        if live is None:  # a resumed run continues the curves of the interrupted one
-            live = Live(dir=LIVE_DIR, resume=step > 0, save_dvc_exp=False, dvcyaml=None)
+        if live is None:
+            live = open_live(LIVE_DIR, step)
         live.step = step
         for name, value in values.items():
             live.log_metric(name, value)
@@ -78,6 +111,7 @@ def main() -> None:
                    resume=p["resume"])
     if world.is_main:
         live.end()
+        plot_training_curves(LIVE_DIR, CURVES)  # the curves offline (dvc plots show loads its charts from a CDN)
         METRICS.parent.mkdir(parents=True, exist_ok=True)
         METRICS.write_text(json.dumps({**result.metrics, "arch": cfg.arch}, indent=2) + "\n")
         m = result.metrics

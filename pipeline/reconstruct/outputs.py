@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -67,10 +68,20 @@ def faces_to_batch(faces: pd.DataFrame, device: torch.device) -> FaceBatch:
                      torch.from_numpy(_points(faces["mesh"], (468, 3))).to(device))
 
 
+STEM_PREFIX_CHARS = 64  # readable part of a stem; with its hash and the longest suffix it stays < 100 bytes
+
+
 def file_stem(face_id: str) -> str:
-    """A face id ('photos/a b.jpg#0') -> a safe file stem ('photos_a_b.jpg_0'), never hidden: the leading dots of
-    a relative id ('../x.jpg#0' -> 'x.jpg_0') go too."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", face_id).lstrip("._").rstrip("_")
+    """A face id ('photos/a b.jpg#0') -> a safe, bounded, unique file stem ('photos_a_b.jpg_0-3f1c2a9b0d').
+
+    The readable part is the id with every run of characters outside [A-Za-z0-9._-] as '_', never hidden (the
+    leading dots of a relative id '../x.jpg#0' go too) and cut to its last STEM_PREFIX_CHARS characters (the
+    file name and face index are at the end); '-' and 10 hex digits of the id's SHA-1 follow, so ids that read
+    the same ('a b.jpg' and 'a_b.jpg', 'é.jpg' and 'ü.jpg') get their own files and no name is too long."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", face_id).lstrip("._").rstrip("_")
+    readable = readable[-STEM_PREFIX_CHARS:].lstrip("._-") or "face"
+    digest = hashlib.sha1(face_id.encode("utf-8", "surrogateescape")).hexdigest()[:10]
+    return f"{readable}-{digest}"
 
 
 def face_rows(decoder: FaceDecoder, coeffs: torch.Tensor, batch: FaceBatch, faces: pd.DataFrame, method: str,
@@ -129,32 +140,50 @@ def face_rows(decoder: FaceDecoder, coeffs: torch.Tensor, batch: FaceBatch, face
     return rows, face
 
 
+FACE_FILE_SUFFIXES = (".obj", "_overlay.png", "_crop.png")
+
+
 def write_face_files(folder: Path, faces: pd.DataFrame, rows: list[dict], face: FaceRender, photo: torch.Tensor,
-                     decoder: FaceDecoder, which: FaceOutputs) -> None:
+                     decoder: FaceDecoder, which: FaceOutputs) -> list[tuple[int, OSError]]:
     """Per face: `<stem>.obj` (identity+expression mesh in mm, photo-textured where visible), `<stem>_overlay.png`
-    (the render on the ORIGINAL photo) and `<stem>_crop.png` (aligned crop, the fitted landmarks green, model red)."""
+    (the render on the ORIGINAL photo) and `<stem>_crop.png` (aligned crop, the fitted landmarks green, model red).
+
+    A face whose files cannot be written (OSError: disk full, permissions, ...) loses the files it got and is
+    returned as (its index in `faces`, the error); the other faces are still written."""
+    failed: list[tuple[int, OSError]] = []
     if not (which.meshes or which.overlays or which.crops):
-        return
+        return failed
     visible = visible_vertices(face, decoder.triangles, decoder.mean_shape.shape[0]).cpu().numpy()
     tris = decoder.triangles.cpu().numpy()
+    folder.mkdir(parents=True, exist_ok=True)
     for i, (meta, row) in enumerate(zip(faces.itertuples(index=False), rows)):
         stem = folder / row["files_stem"]
-        crop = (photo[i].permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
-        if which.meshes:
-            colors = photo_vertex_colors(crop, face.decoded.verts_px[i].cpu().numpy(), visible[i],
-                                         face.decoded.colors[i].cpu().numpy())
-            stem.parent.mkdir(parents=True, exist_ok=True)
-            write_obj(stem.parent / f"{stem.name}.obj", face.decoded.verts_model[i].cpu().numpy(), tris, colors)
-        if which.overlays:
-            original = read_source_photo(meta.source)
-            if original is not None:
-                render = face.image[i].permute(1, 2, 0).cpu().numpy()
-                write_png(stem.parent / f"{stem.name}_overlay.png",
-                          overlay_on_photo(original, render, face.mask[i, 0].cpu().numpy(), meta.transform))
-        if which.crops:
-            lmk_fit = np.asarray(row["lmk_crop_px"]).reshape(68, 2)
-            lmk_input = np.asarray(faces["landmarks"].iloc[i], np.float32).reshape(68, 2)
-            write_png(stem.parent / f"{stem.name}_crop.png", draw_landmarks(crop, lmk_input, lmk_fit))
+        try:
+            _write_one_face(stem, i, meta, row, faces, face, photo, visible, tris, which)
+        except OSError as error:
+            for suffix in FACE_FILE_SUFFIXES:
+                stem.with_name(stem.name + suffix).unlink(missing_ok=True)
+            failed.append((i, error))
+    return failed
+
+
+def _write_one_face(stem: Path, i: int, meta, row: dict, faces: pd.DataFrame, face: FaceRender,
+                    photo: torch.Tensor, visible: np.ndarray, tris: np.ndarray, which: FaceOutputs) -> None:
+    crop = (photo[i].permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    if which.meshes:
+        colors = photo_vertex_colors(crop, face.decoded.verts_px[i].cpu().numpy(), visible[i],
+                                     face.decoded.colors[i].cpu().numpy())
+        write_obj(stem.parent / f"{stem.name}.obj", face.decoded.verts_model[i].cpu().numpy(), tris, colors)
+    if which.overlays:
+        original = read_source_photo(meta.source)
+        if original is not None:
+            render = face.image[i].permute(1, 2, 0).cpu().numpy()
+            write_png(stem.parent / f"{stem.name}_overlay.png",
+                      overlay_on_photo(original, render, face.mask[i, 0].cpu().numpy(), meta.transform))
+    if which.crops:
+        lmk_fit = np.asarray(row["lmk_crop_px"]).reshape(68, 2)
+        lmk_input = np.asarray(faces["landmarks"].iloc[i], np.float32).reshape(68, 2)
+        write_png(stem.parent / f"{stem.name}_crop.png", draw_landmarks(crop, lmk_input, lmk_fit))
 
 
 def read_source_photo(path: str) -> np.ndarray | None:

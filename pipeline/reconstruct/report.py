@@ -260,11 +260,19 @@ dd{margin:0;font-variant-numeric:tabular-nums}
 """
 
 
-def report_html(title: str, summary: str, metrics: Mapping[str, Mapping], cards: Sequence[FaceCard],
-                box_px: int, quality: int) -> str:
-    """The complete self-contained page: header, one table per metrics section, the contact sheet.
+def figures_html(figures: Mapping[str, bytes]) -> str:
+    """{caption: PNG bytes} -> one embedded <figure> each (data: URLs: the page loads nothing from outside)."""
+    return "".join(f'<figure class="card"><img alt="{_e(caption)}" style="max-width:100%" '
+                   f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+                   f'<figcaption>{_e(caption)}</figcaption></figure>' for caption, png in figures.items())
 
-    metrics: {section title: nested metrics}; box_px: thumbnail box height in px; quality: JPEG quality 1-100."""
+
+def report_html(title: str, summary: str, metrics: Mapping[str, Mapping], cards: Sequence[FaceCard],
+                box_px: int, quality: int, figures: Mapping[str, bytes] | None = None) -> str:
+    """The complete self-contained page: header, one table per metrics section, figures, the contact sheet.
+
+    metrics: {section title: nested metrics}; box_px: thumbnail box height in px; quality: JPEG quality 1-100;
+    figures: {caption: PNG bytes}, e.g. the training curves, embedded under the metrics."""
     sections = "".join(metrics_table_html(t, m) for t, m in metrics.items())
     metrics_block = (f'<div class="metrics-grid">{sections}</div>' if sections
                      else '<p class="none">No metrics files yet.</p>')
@@ -280,6 +288,7 @@ def report_html(title: str, summary: str, metrics: Mapping[str, Mapping], cards:
             f'<title>{_e(title)}</title><style>{_CSS}</style></head><body>'
             f'<header><h1>{_e(title)}</h1><p>{_e(summary)}</p></header><main>'
             f'<h2>Metrics</h2>{metrics_block}'
+            + (f'<h2>Training curves</h2>{figures_html(figures)}' if figures else '') +
             f'<h2>Faces</h2><section class="card">{sheet}</section>'
             '</main></body></html>\n')
 

@@ -35,11 +35,18 @@ def _mesh_arrays(verts, tris, colors) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return verts, tris.astype(np.int64), np.clip(np.nan_to_num(colors), 0.0, 1.0)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_atomic(path: str | Path, payload: bytes) -> Path:
     """Write payload to path via a temporary sibling file and os.replace."""
     path = Path(path)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(handle, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would give, as for the images
         with os.fdopen(handle, "wb") as tmp:
             tmp.write(payload)
         os.replace(tmp_name, path)

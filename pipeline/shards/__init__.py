@@ -4,7 +4,7 @@ ordered parallel map of the per-image stages, the `pack` stage and the torch Dat
 ShardDataset is imported on first use: it needs torch, whose import alone costs the CPU-only preprocessing
 stages about a second per process.
 """
-from .accounting import Rejected, StageReport, reject_row
+from .accounting import Rejected, StageReport, reject_row, screen_photos
 from .image_bytes import decode_grey, decode_rgb, encode_jpeg, encode_png
 from .pack import read_faces, run_pack, split_of, write_shards
 from .parallel import map_parallel, resolve_workers
@@ -14,7 +14,7 @@ from .tables import (CROPS_SCHEMA, LANDMARKS_SCHEMA, MASKS_SCHEMA, REJECTS_SCHEM
 __all__ = ["CROPS_SCHEMA", "LANDMARKS_SCHEMA", "MASKS_SCHEMA", "REJECTS_SCHEMA", "SHARD_SCHEMA", "Rejected",
            "ShardDataset", "StageReport", "TableWriter", "decode_grey", "decode_rgb", "encode_jpeg", "encode_png",
            "iter_rows", "join_in_order", "map_parallel", "read_faces", "reject_row", "resolve_workers", "run_pack",
-           "split_of", "write_shards", "write_table"]
+           "screen_photos", "split_of", "write_shards", "write_table"]
 
 
 def __getattr__(name: str):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,3 +55,41 @@ class StageReport:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.as_dict(), indent=2) + "\n")
+
+
+# reasons of the entries screen_photos refuses ("unreadable file" as pipeline.detect.photo_io's)
+UNREADABLE_FILE = "unreadable file"
+NOT_A_FILE = "not a file"
+UNREADABLE_FOLDER = "unreadable folder"
+
+
+def screen_photos(folder: str | Path, extensions: tuple[str, ...], stage: str = "crop") -> tuple[list[Path],
+                                                                                                 list[dict]]:
+    """Every entry under `folder` (recursively; symlinked folders are not followed) whose name ends in one of
+    `extensions` (any case): (the regular files this process can open, sorted; a reject row for each other
+    one). A folder named x.jpg is 'not a file'; a dangling symlink, a symlink loop or a file it may not read is
+    an 'unreadable file'; a subfolder it cannot list is an 'unreadable folder'. Nothing is skipped silently."""
+    photos: list[Path] = []
+    rejects: list[dict] = []
+
+    def unlistable(error: OSError) -> None:
+        rejects.append(reject_row(str(error.filename), stage, Rejected(UNREADABLE_FOLDER, str(error))))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unlistable):
+        for name in sorted(dirnames + filenames):
+            if os.path.splitext(name)[1].lower() not in extensions:
+                continue
+            path = Path(dirpath) / name
+            try:
+                info = path.stat()  # follows the symlink: a dangling one or a loop raises here
+                if not stat.S_ISREG(info.st_mode):
+                    raise Rejected(NOT_A_FILE, "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file")
+                os.close(os.open(path, os.O_RDONLY))
+            except Rejected as error:
+                rejects.append(reject_row(str(path), stage, error))
+            except OSError as error:
+                what = "broken symlink: " if path.is_symlink() else ""
+                rejects.append(reject_row(str(path), stage, Rejected(UNREADABLE_FILE, f"{what}{error}")))
+            else:
+                photos.append(path)
+    return sorted(photos), sorted(rejects, key=lambda r: r["path"])

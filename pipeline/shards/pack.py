@@ -101,6 +101,24 @@ def read_faces(paths: Iterable[str | Path]) -> pd.DataFrame:
     return (pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table()).to_pandas()
 
 
+DUPLICATE_FACE = "duplicate face"
+
+
+def drop_duplicates(rows: Iterable[dict], rejects: list[dict]) -> Iterable[dict]:
+    """The rows whose aligned crop (JPEG bytes: the same photo bytes give the same crop) no earlier row has; each
+    later copy becomes a reject row ('duplicate face', naming the face kept) appended to `rejects`. The same
+    photo under two names would otherwise be split by name, one copy in train and the other in val."""
+    first: dict[bytes, str] = {}
+    for row in rows:
+        key = hashlib.sha1(row["crop"]).digest()
+        if key in first:
+            rejects.append({"path": row["source"], "stage": STAGE, "reason": DUPLICATE_FACE,
+                            "detail": f"identical crop to {first[key]}", "id": row["id"]})
+            continue
+        first[key] = row["id"]
+        yield row
+
+
 def run_pack(crops_path: Path, landmarks_path: Path, masks_path: Path, stage_rejects: list[Path], out_dir: Path,
              rejects_out: Path, val_ratio: float, shard_rows: int, row_group_rows: int) -> StageReport:
     """The `pack` stage: join the crops, landmarks and masks tables (by id, in order) into train/val shards and
@@ -109,15 +127,16 @@ def run_pack(crops_path: Path, landmarks_path: Path, masks_path: Path, stage_rej
     start = time.perf_counter()
     report = StageReport(STAGE, inputs=count_rows(crops_path))
     sources = set()
+    duplicates: list[dict] = []
 
     def faces():
         joined = join_in_order(join_in_order(iter_rows(crops_path), iter_rows(landmarks_path)), iter_rows(masks_path))
-        for row in joined:
+        for row in drop_duplicates(joined, duplicates):
             sources.add(row["source"])
             yield row
 
     shards = write_shards(faces(), out_dir, val_ratio, shard_rows, row_group_rows)
-    report.rejects = [row for path in stage_rejects for row in iter_rows(path)]
+    report.rejects = [row for path in stage_rejects for row in iter_rows(path)] + duplicates
     write_table(report.rejects, rejects_out, REJECTS_SCHEMA)
     report.outputs = sum(count_rows(path) for paths in shards.values() for path in paths)
     report.extra = {"faces_per_split": {split: sum(count_rows(p) for p in paths) for split, paths in shards.items()},

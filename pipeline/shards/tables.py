@@ -5,6 +5,7 @@ stored as encoded bytes in columns (JPEG crops, PNG masks), never as one file pe
 """
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -56,6 +57,28 @@ REJECTS_SCHEMA = pa.schema([
 ])
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete the `<path>.tmp-<pid>` files that writers of `path` killed mid-write (SIGKILL, out of memory) left:
+    those of processes no longer running, and this process's own. Returns what went."""
+    gone = []
+    for tmp in path.parent.glob(f"{glob.escape(path.name)}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _running(int(pid))):
+            tmp.unlink(missing_ok=True)
+            gone.append(tmp)
+    return gone
+
+
 class TableWriter:
     """Write rows to a Parquet file in row groups of `row_group_rows`, atomically.
 
@@ -73,6 +96,7 @@ class TableWriter:
         self.rows_written = 0
         self._buffer: list[dict] = []
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.path)
         self._tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
         self._writer = pq.ParquetWriter(self._tmp, schema)
 

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from ..face_model import CoeffLayout, FaceModel, save_face_model
 from .checkpoint import atomic_save, face_model_digest, load_checkpoint, rng_state, rnet_record, set_rng_state
@@ -65,8 +66,8 @@ def train(cfg: TrainConfig, net: nn.Module, face_model: FaceModel, train_set: Da
                 f"identity loss {'on' if trainer.identity else 'off (train.arcface_weights is empty)'}")
 
     step, images, train_seconds, val_start = 0, 0, 0.0, None
-    if resume and paths.last.exists():
-        state = load_checkpoint(paths.last, world.device)
+    state = _read_resumable(paths.last, world) if resume and paths.last.exists() else None
+    if state is not None:
         if state["fingerprint"] != fingerprint:
             _say(world, f"{paths.last} is from other params, data or face model: training from scratch")
         elif state["step"] >= total_steps:
@@ -90,6 +91,8 @@ def train(cfg: TrainConfig, net: nn.Module, face_model: FaceModel, train_set: Da
     if world.is_main and val_start is None:
         val_start = validate()
     step_losses = []
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not world.is_main,
+               mininterval=1.0)
     while step < total_steps:
         epoch, first_batch = divmod(step, per_epoch)
         tic = time.perf_counter()
@@ -100,6 +103,9 @@ def train(cfg: TrainConfig, net: nn.Module, face_model: FaceModel, train_set: Da
             step += 1
             images += len(batch["index"]) * world.world_size
             step_losses.append((step, result.curves["loss"] if result.finite else float("nan")))
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_losses[-1][1]:.4g}", img_s=f"{images / max(train_seconds, 1e-9):.1f}",
+                            refresh=False)
             if world.is_main and log:
                 log(step, {("lr" if k == "lr" else f"train/{k}"): v for k, v in result.curves.items()})
             if world.is_main and step % cfg.eval_every == 0 and step < total_steps:
@@ -112,6 +118,7 @@ def train(cfg: TrainConfig, net: nn.Module, face_model: FaceModel, train_set: Da
                 barrier(world)
             tic = time.perf_counter()
 
+    bar.close()
     metrics = {}
     if world.is_main:
         recompute_batchnorm(net, train_set, world.device, max(1, cfg.batch_size // world.world_size))
@@ -131,6 +138,24 @@ def train(cfg: TrainConfig, net: nn.Module, face_model: FaceModel, train_set: Da
         }
     barrier(world)
     return TrainResult(metrics, step_losses)
+
+
+RESUME_KEYS = ("fingerprint", "step", "images", "train_seconds", "val_start", "trainer", "rng")
+
+
+def _read_resumable(path: Path, world: Dist) -> dict | None:
+    """The resumable state at `path`, or None (training starts from scratch, and the first checkpoint replaces
+    the file) when it cannot be read: truncated, corrupt or not a checkpoint of this code."""
+    try:
+        state = load_checkpoint(path, world.device)
+        missing = [k for k in RESUME_KEYS if k not in state] if isinstance(state, dict) else list(RESUME_KEYS)
+        if missing:
+            raise ValueError(f"not a resumable training checkpoint (no {', '.join(missing)})")
+        return state
+    except Exception as error:  # noqa: BLE001 - any unreadable cache file: say which and what happens
+        _say(world, f"{path} cannot be resumed from ({type(error).__name__}: {str(error)[:200]}): training from "
+                    f"scratch; the first checkpoint overwrites it (or delete it, or set train.resume: false)")
+        return None
 
 
 def _say(world: Dist, message: str) -> None:
