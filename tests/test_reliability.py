@@ -268,7 +268,7 @@ def test_an_unknown_method_is_refused_even_without_a_checkpoint(tmp_path, faces_
     ("crop", "crop", "jpeg_quality", 0, "crop.jpeg_quality must be an int >= 1 and <= 100, got 0"),
     ("crop", "crop", "upsample", 1.5, "crop.upsample must be an int >= 0, got 1.5"),
     ("crop", None, "workers", -1, "workers must be an int >= 0, got -1"),
-    ("crop", "crop", "detector", "nope", "crop.detector must be one of"),  # CropSettings' own check
+    ("crop", "crop", "detectors", ["nope"], "crop.detectors must be a non-empty list of"),  # CropSettings' check
     ("masks", "masks", "bisenet_weights", "/no/such.pth", "masks.bisenet_weights: no such file"),
     ("landmarks", "landmarks", "max_template_px", "x", "landmarks.max_template_px must be a number > 0"),
     ("masks", "masks", "min_coverage", 1.0, "masks.min_coverage must be a number >= 0 and < 1, got 1.0"),

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.detect import CropSettings, LandmarkSettings, crop_landmarks, crop_photo
+from pipeline.detect import CropSettings, LandmarkSettings, crop_photo
+from pipeline.detect.landmarks import landmarks_task
 from pipeline.nets.bisenet import CLASS_NAMES, BiSeNet
 from pipeline.segment import MaskSettings, face_mask, face_regions, load_mask_model, skin_mask
 from pipeline.segment.face_parsing import mask_from_labels, parsing_class_ids, soft_mask_from_logits
@@ -22,8 +23,8 @@ def crops(faces_dir):
     out = []
     for name in ("000002.jpg", "000037.jpg", "vd026.png", "trump_hillary.jpg"):
         row = crop_photo(faces_dir / name, CropSettings())[0]
-        crop = decode_rgb(row["crop"])
-        out.append((crop, crop_landmarks(crop, np.asarray(row["box_crop"]), LandmarkSettings())))
+        (points,), _ = landmarks_task(row, LandmarkSettings())
+        out.append((decode_rgb(row["crop"]), np.reshape(points["landmarks"], (68, 2))))
     return out
 
 

@@ -242,12 +242,14 @@ class FaceDecoder(nn.Module):
         jaw_ids = torch.tensor(JAW_RIGHT + JAW_LEFT, device=px.device)
         return px[:, :n].index_copy(1, jaw_ids, jaw)
 
-    def vertices_px(self, c: Coeffs, ids: torch.Tensor) -> torch.Tensor:
-        """The projections (B, N, 2) px of the vertices ids (N,) int64, decoding only those vertices."""
+    def vertices_px(self, c: Coeffs, ids: torch.Tensor, depth: bool = False) -> torch.Tensor:
+        """The projections (B, N, 2) px of the vertices ids (N,) int64, decoding only those vertices; with
+        depth, (B, N, 3): x_px, y_px and the camera depth (world units), as `project`."""
         rows = (ids[:, None] * 3 + torch.arange(3, device=ids.device)).reshape(-1)
         offsets = c.id @ self.id_basis[rows].T + c.exp @ self.exp_basis[rows].T
         verts_model = self.mean_shape[ids] + offsets.view(-1, len(ids), 3)
-        return project(self.pose(verts_model, c.rot, c.trans), self.camera)[..., :2]
+        projected = project(self.pose(verts_model, c.rot, c.trans), self.camera)
+        return projected if depth else projected[..., :2]
 
     def landmark_px(self, c: Coeffs) -> torch.Tensor:
         """The projected 68 landmarks (B, 68, 2) px, jaw points on the silhouette (the 2D 300-W convention),
@@ -275,6 +277,18 @@ class FaceDecoder(nn.Module):
                              "`dvc repro face_model`")
         corners_px = self.vertices_px(c, self.mesh468_vertices)[:, self.mesh468_corners]  # (B, 468, 3, 2)
         return (corners_px * self.mesh468_barycentric[None, :, :, None]).sum(2)
+
+    def mesh468_xyz_px(self, c: Coeffs) -> torch.Tensor:
+        """This model's face mesh as MediaPipe's face-mesh network reports one: (B, 468, 3) x, y px (mesh468_px)
+        and z in px, + away from the camera: the camera depth x focal / the points' mean depth (x and y's scale
+        at the face), up to an offset per face, which the network's z leaves open too."""
+        if not self.has_mesh468:
+            raise ValueError("this face model has no MediaPipe 468-point correspondence (rerun `dvc repro "
+                             "face_model`)")
+        corners = self.vertices_px(c, self.mesh468_vertices, depth=True)[:, self.mesh468_corners]  # (B, 468, 3, 3)
+        points = (corners * self.mesh468_barycentric[None, :, :, None]).sum(2)
+        z_px = points[..., 2] * self.camera.focal_px / points[..., 2].mean(dim=1, keepdim=True)
+        return torch.cat([points[..., :2], z_px[..., None]], dim=-1)
 
     def forward(self, coeffs: torch.Tensor) -> Decoded:
         """coeffs: (B, layout.size) -> Decoded (see its fields for shapes and units)."""
