@@ -2,7 +2,7 @@
 -> reports/bench.json. Ratios compare numbers taken in the same run; absolute numbers depend on the machine.
 
     renderer        render_sfm_img_s, render_bfm_size_img_s vs deodr_sfm_img_s (render_vs_deodr)
-    preprocessing   preprocess_img_s vs dlib_bound_img_s (preprocess_vs_dlib_bound)
+    preprocessing   preprocess_img_s vs landmark_bound_img_s (preprocess_vs_landmark_bound)
     reconstruction  reconstruct_network_img_s vs rnet_forward_bound_img_s, fit_s_per_image
     training        train_img_s
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.bench.preprocess import dlib_bound_img_s, preprocess_img_s
+from pipeline.bench.preprocess import landmark_bound_img_s, preprocess_img_s
 from pipeline.bench.reconstruct import reconstruct_throughput
 from pipeline.bench.render import (deodr_throughput, render_throughput, sfm_mean_face_scene,
                                    synthetic_bfm_size_mesh)
@@ -57,11 +57,11 @@ def main() -> None:
 
     images = Path(params["data"]["images"])
     photos = list_photos(images)
-    crop = CropSettings(**params["crop"])
-    out["dlib_bound_img_s"] = dlib_bound_img_s(photos, crop, params["workers"])
-    out["preprocess_img_s"] = preprocess_img_s(photos, images, crop, LandmarkSettings(**params["landmarks"]),
-                                               MaskSettings(**params["masks"]), params["workers"])
-    out["preprocess_vs_dlib_bound"] = out["preprocess_img_s"] / out["dlib_bound_img_s"]
+    crop, landmarks = CropSettings(**params["crop"]), LandmarkSettings(**params["landmarks"])
+    out["landmark_bound_img_s"] = landmark_bound_img_s(photos, crop, landmarks, params["workers"])
+    out["preprocess_img_s"] = preprocess_img_s(photos, images, crop, landmarks, MaskSettings(**params["masks"]),
+                                               params["workers"])
+    out["preprocess_vs_landmark_bound"] = out["preprocess_img_s"] / out["landmark_bound_img_s"]
 
     r = params["reconstruct"]
     face_model = load_face_model(r["face_model"])

@@ -1,9 +1,11 @@
-"""Preprocessing throughput: the four stages end to end against their bound, dlib detection + 68 landmarks alone.
+"""Preprocessing throughput: the four stages end to end against their bound, the detection and landmarks of the
+chosen sources alone (the detector chain, the face mesh's passes and, for landmarks.source dlib or fused, dlib's
+68-point fit).
 
 Both are timed once over the same photos with the same worker count. Before timing, the workers' fork server
-is started and the dlib models are loaded in the calling process (where small stages run in-process), so
-neither number includes those one-off costs and which one runs first does not matter; each pool's workers
-still load their own models, in both.
+is started and the models are loaded in the calling process (where small stages run in-process), so neither
+number includes those one-off costs and which one runs first does not matter; each pool's workers still load
+their own models, in both.
 """
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..detect.crop import CropSettings, run_crop, select_faces
-from ..detect.dlib_faces import cnn_detector, detect_faces, fit_landmarks, hog_detector, shape_predictor_68
+from ..detect.crop import CropSettings, photo_mesh, run_crop, select_faces
+from ..detect.dlib_faces import cnn_detector, fit_landmarks, hog_detector, shape_predictor_68
+from ..detect.faces import detect_chain
+from ..detect.mediapipe import BLAZEFACE, MESH_MODEL, interpreter
 from ..detect.landmarks import LandmarkSettings, run_landmarks
 from ..detect.photo_io import read_photo
 from ..segment.masks import MaskSettings, run_masks
@@ -23,12 +27,16 @@ from ..shards.pack import run_pack
 from ..shards.parallel import map_parallel, start_worker_server
 
 
-def _prepare(detector: str) -> None:
+def _prepare(detectors: tuple[str, ...]) -> None:
     start_worker_server()
     hog_detector()
     shape_predictor_68()
-    if detector == "cnn":
+    if "cnn" in detectors:
         cnn_detector()
+    for name in detectors:
+        if name in BLAZEFACE:
+            interpreter(BLAZEFACE[name].file)
+    interpreter(MESH_MODEL)
 
 
 def preprocess_img_s(photos: Sequence[Path], root: Path, crop: CropSettings, landmarks: LandmarkSettings,
@@ -37,7 +45,7 @@ def preprocess_img_s(photos: Sequence[Path], root: Path, crop: CropSettings, lan
     """Photos/s of crop -> landmarks -> masks -> pack exactly as the stages run them (run_crop, run_landmarks,
     run_masks, run_pack: their tables, worker pools and shards), written to a temporary folder. photos: files
     under `root` (face ids are relative to it); workers: processes, 0 = all cores."""
-    _prepare(crop.detector)
+    _prepare(crop.detectors)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         start = time.perf_counter()
@@ -52,25 +60,29 @@ def preprocess_img_s(photos: Sequence[Path], root: Path, crop: CropSettings, lan
         return len(photos) / (time.perf_counter() - start)
 
 
-def _detect_and_fit(path: Path, settings: CropSettings) -> int:
+def _detect_and_fit(path: Path, settings: CropSettings, with_dlib: bool) -> int:
     try:
         rgb = read_photo(path, settings.max_pixels, settings.min_face_px)
-        found = detect_faces(rgb, settings.detector, settings.upsample, settings.min_score,
-                             settings.detect_max_side_px)
+        found = detect_chain(rgb, settings.detectors, settings.upsample, settings.min_score,
+                             settings.blazeface_min_score, settings.detect_max_side_px)
         chosen = select_faces(found, settings)
     except Rejected:
         return 0
     for detection in chosen:
-        fit_landmarks(rgb, detection.box_px)
+        photo_mesh(rgb, detection, settings.mesh_passes)
+        if with_dlib:
+            fit_landmarks(rgb, detection.box_px)
     return len(chosen)
 
 
-def dlib_bound_img_s(photos: Sequence[Path], crop: CropSettings, workers: int) -> float:
-    """Photos/s of the work no preprocessing can skip: decode, dlib detection and the 68-landmark fit of the faces
-    kept, at the `crop` settings, over `workers` processes (0 = all cores) as the crop stage distributes it."""
-    _prepare(crop.detector)
-    task = functools.partial(_detect_and_fit, settings=crop)
+def landmark_bound_img_s(photos: Sequence[Path], crop: CropSettings, landmarks: LandmarkSettings,
+                         workers: int) -> float:
+    """Photos/s of the work no preprocessing can skip: decode, the detector chain, the face mesh of each face kept
+    and, unless landmarks.source is "mesh", dlib's 68-point fit in its detection box, at the `crop` settings, over
+    `workers` processes (0 = all cores) as the crop stage distributes it."""
+    _prepare(crop.detectors)
+    task = functools.partial(_detect_and_fit, settings=crop, with_dlib=landmarks.source != "mesh")
     start = time.perf_counter()
-    for _ in map_parallel(task, list(photos), workers, chunk_size=1, total=len(photos), desc="dlib bound"):
+    for _ in map_parallel(task, list(photos), workers, chunk_size=1, total=len(photos), desc="landmark bound"):
         pass
     return len(photos) / (time.perf_counter() - start)

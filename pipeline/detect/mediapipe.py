@@ -62,21 +62,21 @@ def mediapipe_model_file(name: str) -> Path:
 
 
 @functools.cache
-def _interpreter(name: str):
+def interpreter(name: str):
     """A LiteRT interpreter of one model, loaded once per process, single-threaded (stage workers are processes)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_path=str(mediapipe_model_file(name)), num_threads=1)
-    interpreter.allocate_tensors()
-    return interpreter
+    runner = Interpreter(model_path=str(mediapipe_model_file(name)), num_threads=1)
+    runner.allocate_tensors()
+    return runner
 
 
 def _invoke(name: str, tensor: np.ndarray) -> list[np.ndarray]:
     """Run model `name` on one (1, H, W, 3) float32 input; its outputs in the model's order."""
-    interpreter = _interpreter(name)
-    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], tensor)
-    interpreter.invoke()
-    return [interpreter.get_tensor(o["index"]).copy() for o in interpreter.get_output_details()]
+    runner = interpreter(name)
+    runner.set_tensor(runner.get_input_details()[0]["index"], tensor)
+    runner.invoke()
+    return [runner.get_tensor(o["index"]).copy() for o in runner.get_output_details()]
 
 
 @functools.cache
