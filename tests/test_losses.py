@@ -116,6 +116,28 @@ def test_landmark_loss_gradcheck_float64():
     assert torch.autograd.gradcheck(landmark_loss, (pred, gt, landmark_weights().double()))
 
 
+def test_robust_landmark_loss_is_squared_near_zero_and_linear_far_away():
+    from pipeline.losses.landmarks import robust_squared
+
+    d = torch.tensor([0.01, 0.1, 100.0, 1000.0], dtype=torch.float64)
+    rho = robust_squared(d ** 2, 4.0)
+    # d << delta: plain squares (relative gap d^2 / (4 delta^2)); d >> delta: 2 delta d - 2 delta^2
+    assert rho[:2].tolist() == pytest.approx((d ** 2)[:2].tolist(), rel=1e-3)
+    assert rho[2:].tolist() == pytest.approx((2 * 4.0 * d[2:] - 2 * 16.0).tolist(), rel=1e-3)
+    assert torch.equal(robust_squared(d ** 2, 0.0), d ** 2)
+    # hand-computed: one point 5 px off (3-4-5), delta 4: 2 * 16 * (sqrt(1 + 25 / 16) - 1) = 32 * (41 ** 0.5 / 4 - 1)
+    pred, gt = torch.tensor([[[0.0, 0.0]]]), torch.tensor([[[3.0, 4.0]]])
+    assert landmark_loss(pred, gt, torch.ones(1), delta_px=4.0).item() == pytest.approx(32 * (41 ** 0.5 / 4 - 1))
+    g = torch.Generator().manual_seed(3)
+    pred = torch.rand(2, 68, 2, generator=g, dtype=torch.float64, requires_grad=True) * 224
+    gt = torch.rand(2, 68, 2, generator=g, dtype=torch.float64) * 224
+    assert torch.autograd.gradcheck(lambda p: landmark_loss(p, gt, landmark_weights().double(), 4.0), (pred,))
+    # a far outlier pulls with a bounded force: its gradient is at most 2 delta w / (B N) per coordinate
+    far = torch.tensor([[[500.0, 0.0]]], requires_grad=True)
+    landmark_loss(far, torch.zeros(1, 1, 2), torch.ones(1), 4.0).backward()
+    assert far.grad.norm().item() == pytest.approx(8.0, rel=1e-3)
+
+
 def test_landmark_loss_rejects_mismatched_weights():
     with pytest.raises(ValueError, match=r"weights: expected \(N,\) with B=1, N=68"):
         landmark_loss(torch.zeros(1, 68, 2), torch.zeros(1, 68, 2), torch.ones(5))

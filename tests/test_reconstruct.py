@@ -53,7 +53,7 @@ def test_fit_recovers_shape_better_than_the_mean_face(sfm):
     truth = random_faces(decoder, 4, seed=1)
     batch = synthetic_batch(decoder, truth)
     coeffs = fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, landmark_weights(),
-                                     FitSettings(landmark_steps=60, full_steps=60))
+                              FitSettings(landmark_steps=60, full_steps=60), mesh_px=batch.mesh_px)
     with torch.no_grad():
         gt = decoder(truth).verts_model
         ours = decoder(coeffs).verts_model
@@ -269,6 +269,34 @@ def test_per_face_terms_equal_hybrid_loss_of_each_face_alone(sfm):
             for name, value in alone.items():
                 assert terms[name].shape == (3,)
                 assert float(terms[name][i]) == pytest.approx(float(value), rel=1e-5, abs=1e-7), name
+
+
+def test_per_face_mesh_terms_equal_hybrid_loss_of_each_face_alone(sfm):
+    """With the dense mesh term on, face i's "mesh" term is hybrid_loss's on face i alone, and it vanishes when
+    the target is the face's own projected mesh."""
+    from dataclasses import replace
+
+    decoder = FaceDecoder(sfm)
+    coeffs = random_faces(decoder, 3, seed=12)
+    batch = synthetic_batch(decoder, random_faces(decoder, 3, seed=13))
+    weights = replace(FitSettings().weights, mesh=1.0e-3)
+    with torch.no_grad():
+        face = render_face(decoder, coeffs)
+        mesh_target = batch.mesh_px[..., :2]
+        terms = per_face_terms(decoder, face, coeffs, batch.photo, batch.face_mask, batch.lmk_px, landmark_weights(),
+                               weights, mesh_target)
+        c = decoder.layout.split(coeffs)
+        own = per_face_terms(decoder, face, coeffs, batch.photo, batch.face_mask, batch.lmk_px, landmark_weights(),
+                             weights, decoder.mesh468_px(c))
+        for i in range(3):
+            face_i = FaceRender(Decoded(*(t[i:i + 1] for t in face.decoded)), *(t[i:i + 1] for t in face[1:]))
+            c_i = Coeffs(*(t[i:i + 1] for t in c))
+            _, alone = hybrid_loss(face_i, c_i, batch.photo[i:i + 1], batch.face_mask[i:i + 1],
+                                   batch.lmk_px[i:i + 1], landmark_weights(), decoder.face_region, weights,
+                                   mesh_pred_px=decoder.mesh468_px(c_i), mesh_px=mesh_target[i:i + 1],
+                                   mesh_weights=decoder.mesh468_weight)
+            assert float(terms["mesh"][i]) == pytest.approx(float(alone["mesh"]), rel=1e-5)
+    assert torch.all(terms["mesh"] > 1.0) and torch.all(own["mesh"] < 1e-9)
 
 
 def test_faces_to_batch_decodes_crops_and_masks_exactly():
