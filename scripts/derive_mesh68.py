@@ -19,6 +19,7 @@ from pipeline.detect.dlib_faces import detect_faces, fit_landmarks
 from pipeline.detect.mediapipe import detect_blazeface, face_mesh, roi_around
 from pipeline.detect.photo_io import list_photos, read_photo
 from pipeline.face_model.decode import jaw_contour_candidates
+from pipeline.face_model.mediapipe_mesh import read_canonical_obj
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SAMPLES = SHARED / "samples" / "faces"
@@ -27,12 +28,6 @@ CANONICAL_OBJ = SHARED / "face_models" / "mediapipe" / "canonical_face_model.obj
 IBUG_MIRROR = np.array(list(range(16, -1, -1)) + list(range(26, 16, -1)) + [27, 28, 29, 30] + [35, 34, 33, 32, 31]
                        + [45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40] + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57,
                                                                               56, 55] + [64, 63, 62, 61, 60, 67, 66, 65])
-
-
-def canonical_mesh_mm() -> np.ndarray:
-    """(468, 3) the canonical face model's vertices, x 10 (its units are centimetre-like)."""
-    lines = [line.split() for line in CANONICAL_OBJ.read_text().splitlines() if line.startswith("v ")]
-    return np.array([[float(x) for x in line[1:4]] for line in lines]) * 10.0
 
 
 def mesh_mirror(verts: np.ndarray) -> np.ndarray:
@@ -62,7 +57,7 @@ def main() -> None:
     size = np.sqrt(extent[:, 0] * extent[:, 1])
     # err[i, v]: mean over faces of |mesh vertex v - dlib point i| / face size
     err = (np.linalg.norm(mesh[:, None] - dlib[:, :, None], axis=-1) / size[:, None, None]).mean(0)
-    mirror_v = mesh_mirror(canonical_mesh_mm())
+    mirror_v = mesh_mirror(read_canonical_obj(CANONICAL_OBJ)[0])
     table = np.zeros(68, np.int64)
     for i, j in enumerate(IBUG_MIRROR):
         pair = err[i] + err[j][mirror_v]  # vertex v for point i, its mirror for point j
@@ -71,7 +66,7 @@ def main() -> None:
     print(f"{len(mesh)} faces; NME of the mapped mesh against dlib: {err[np.arange(68), table].mean():.4f}")
     print("MESH_TO_IBUG68 = (" + ", ".join(map(str, table)) + ")")
     # jaw points slide along rows of the canonical mesh on their side (the face model's jaw convention)
-    rows = jaw_contour_candidates(canonical_mesh_mm(), table)
+    rows = jaw_contour_candidates(read_canonical_obj(CANONICAL_OBJ)[0], table)
     print("MESH_JAW_CANDIDATES = (" + ",\n    ".join(str(tuple(int(v) for v in r if v >= 0)) for r in rows) + ")")
 
 

@@ -25,6 +25,7 @@ from ..shards.tables import LANDMARKS_SCHEMA, N_MESH, count_rows, iter_rows
 from .alignment import TEMPLATE_5PT_PX, five_points
 from .dlib_faces import detect_faces, fit_landmarks
 from .faces import DLIB_DETECTORS
+from .mediapipe import box_iou
 from .mesh68 import mesh_to_ibug68
 
 STAGE = "landmarks"
@@ -93,20 +94,17 @@ def crop_landmarks(crop_rgb: np.ndarray, dlib_box_crop_px: np.ndarray, mesh_crop
     return chosen.astype(np.float32), dlib_px, source
 
 
-def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
-    lt, rb = np.maximum(a[:2], b[:2]), np.minimum(a[2:], b[2:])
-    inter = float(np.prod(np.clip(rb - lt, 0, None)))
-    return inter / (float(np.prod(a[2:] - a[:2]) + np.prod(b[2:] - b[:2])) - inter)
-
-
 def dlib_box_crop(row: dict, crop_rgb: np.ndarray) -> np.ndarray:
     """The box (4,) crop px seeding dlib's predictor on a crops-table row: its detection box for dlib's detectors;
     else the HOG box found on the crop that overlaps DLIB_BOX_CROP_PX most (IoU > 0.3), else DLIB_BOX_CROP_PX."""
     if row["detector"] in DLIB_DETECTORS:
         return np.asarray(row["box_crop"], np.float64)
     found = [d.box_px for d in detect_faces(crop_rgb, "hog", upsample=1, fallback=False)]
-    best = max(found, key=lambda box: _box_iou(box, DLIB_BOX_CROP_PX), default=None)
-    return best if best is not None and _box_iou(best, DLIB_BOX_CROP_PX) > 0.3 else DLIB_BOX_CROP_PX
+    if not found:
+        return DLIB_BOX_CROP_PX
+    overlap = box_iou(DLIB_BOX_CROP_PX, np.stack(found))
+    best = int(np.argmax(overlap))
+    return found[best] if overlap[best] > 0.3 else DLIB_BOX_CROP_PX
 
 
 def landmarks_task(row: dict, settings: LandmarkSettings) -> tuple[list[dict], list[dict]]:

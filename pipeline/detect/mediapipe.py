@@ -100,7 +100,8 @@ class FaceBox:
     score: float
 
 
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU (N,) of one box (4,) with boxes (N, 4), all left, top, right, bottom in the same px."""
     lt, rb = np.maximum(box[:2], boxes[:, :2]), np.minimum(box[2:], boxes[:, 2:])
     inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
     area = lambda b: np.prod(b[..., 2:] - b[..., :2], axis=-1)  # noqa: E731
@@ -118,7 +119,7 @@ def weighted_nms(boxes: np.ndarray, keypoints: np.ndarray, scores: np.ndarray, i
     for i in range(len(scores)):
         if not left[i]:
             continue
-        group = left & (_iou(boxes[i], boxes) > iou)
+        group = left & (box_iou(boxes[i], boxes) > iou)
         group[i] = True
         w = scores[group] / scores[group].sum()
         out.append(FaceBox(w @ boxes[group], np.einsum("n,nkd->kd", w, keypoints[group]), float(scores[i])))
@@ -219,7 +220,7 @@ def face_mesh(rgb: np.ndarray, roi: Roi, passes: int = 2) -> tuple[np.ndarray, f
     rgb: (H, W, 3) uint8. Returns (mesh_px (468, 3) float64 photo px, the last pass's score in [0, 1])."""
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
-    for i in range(passes):
-        mesh, score = run_mesh(rgb, roi)
-        roi = roi_from_mesh(mesh)
+    mesh, score = run_mesh(rgb, roi)
+    for _ in range(passes - 1):
+        mesh, score = run_mesh(rgb, roi_from_mesh(mesh))
     return mesh, score
