@@ -80,7 +80,7 @@ PARAM_CHECKS: dict[str, object] = {
     "workers": _int(0),
     "data.images": _str,
     "face_model.source": _choice("sfm", "bfm"),
-    "face_model.sfm_albedo_rgb": _list_of(_num(0, 1)),
+    "face_model.sfm_albedo_rgb": _list_of(_num(0, 1)), "face_model.sfm_landmarks": _choice("fitted", "ibug_to_sfm"),
     "crop.detectors": _list_of(_str),  # the names: pipeline.detect.crop.CropSettings (the list grows with detectors)
     "crop.blazeface_min_score": _num(0, 1), "crop.mesh_passes": _POS_INT,
     "crop.multi_face": _choice("largest", "all"),

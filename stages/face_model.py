@@ -19,7 +19,7 @@ def main() -> None:
     args = ap.parse_args()
     p = read_params(args.params, "face_model")["face_model"]
     if p["source"] == "sfm":
-        model = convert_sfm(p["sfm_dir"], p["bfm_aux_dir"], tuple(p["sfm_albedo_rgb"]))
+        model = convert_sfm(p["sfm_dir"], p["bfm_aux_dir"], tuple(p["sfm_albedo_rgb"]), p["sfm_landmarks"])
     elif p["source"] == "bfm":
         if not p["bfm_mat"] or not p["bfm_exp_bin"]:
             raise SystemExit("face_model.source=bfm needs face_model.bfm_mat (01_MorphableModel.mat) and "

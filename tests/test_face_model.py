@@ -17,8 +17,12 @@ from pipeline.face_model.bfm import BFM_VERTS, EXP_VERTS, FRONT_VERTS, convert_b
 from pipeline.face_model.format import MESH468_ARRAYS, outward_winding
 from pipeline.face_model.mediapipe_mesh import (ANCHORS, Surface, closest_on_triangles, read_canonical_obj,
                                                 register_canonical, with_mesh468)
-from pipeline.face_model.sfm import similarity_fit
-from conftest import AUX_DIR, MEDIAPIPE_OBJ, REPO_ROOT
+from pipeline.detect.alignment import TEMPLATE_5PT_PX, fit_similarity, five_points, transform_points
+from pipeline.evaluate.annotations import find_annotations
+from pipeline.evaluate.metrics import INNER_POINTS, landmark_nme
+from pipeline.face_model.sfm import convert_sfm, similarity_fit
+from pipeline.reconstruct.fit import fit_to_landmarks
+from conftest import ANNOTATED, AUX_DIR, MEDIAPIPE_OBJ, REPO_ROOT, SFM_DIR
 
 
 def test_sfm_sizes(sfm):
@@ -500,9 +504,11 @@ def test_mesh468_points_of_a_frontal_mean_face_look_like_a_face(sfm):
     x, y = pts[:, 0], pts[:, 1]
     assert 2 < pts[1, 1] - lmk[30, 1] < 8  # MediaPipe's point 1 sits on the underside of the nose tip (4.8 px)
     for contour, ibug in (([159, 145, 33, 133], range(36, 42)), ([386, 374, 263, 362], range(42, 48))):
-        assert np.linalg.norm(pts[contour].mean(0) - lmk[list(ibug)].mean(0)) < 2.0  # eye centres (1.2 px)
-    for lid, ibug in ((159, [37, 38]), (145, [40, 41]), (386, [43, 44]), (374, [46, 47])):  # mid upper/lower lids
-        assert np.linalg.norm(pts[lid] - lmk[ibug].mean(0)) < 4.0, lid  # measured 3.2 px: SFM's eyes open wider
+        assert np.linalg.norm(pts[contour].mean(0) - lmk[list(ibug)].mean(0)) < 3.5  # eye centres (2.6 px)
+    # mid upper/lower lids: measured 5.1 / 3.6 px. The fitted inner landmarks (sfm.FITTED_INNER_LANDMARKS) follow
+    # 300-W's lids on fitted faces; on the mean face, whose eyes open wider, they sit above MediaPipe's lid points.
+    for lid, ibug in ((159, [37, 38]), (145, [40, 41]), (386, [43, 44]), (374, [46, 47])):
+        assert np.linalg.norm(pts[lid] - lmk[ibug].mean(0)) < 6.0, lid
     assert y[159] < y[145] and y[386] < y[374]
     assert y[10] < y[9] < y[168] < y[4] < y[0] < y[17] < y[152]  # forehead, brows, bridge, tip, lips, chin
     assert np.abs(x[[10, 9, 168, 4, 0, 17, 152]] - lmk[[27, 30, 33, 8]][:, 0].mean()).max() < 1.5  # on the midline
@@ -530,3 +536,38 @@ def test_face_model_stage_writes_the_correspondence(sfm, tmp_path, monkeypatch):
     for key in written.__dataclass_fields__:
         a, b = getattr(written, key), getattr(sfm, key)
         assert a == b if isinstance(a, str) else np.array_equal(a, b), key
+
+
+@pytest.fixture(scope="module")
+def sfm_file_landmarks():
+    return convert_sfm(SFM_DIR, AUX_DIR, (0.72, 0.53, 0.44), landmarks="ibug_to_sfm")
+
+
+def test_fitted_inner_landmarks_move_only_inner_points_nearby(sfm, sfm_file_landmarks):
+    assert np.array_equal(sfm.landmarks[:17], sfm_file_landmarks.landmarks[:17]), "the jaw keeps its contour vertices"
+    moved_mm = np.linalg.norm(sfm.mean_shape[sfm.landmarks] - sfm.mean_shape[sfm_file_landmarks.landmarks], axis=1)
+    assert moved_mm.max() < 8.0, "the derivation searches 8 mm around the file's vertices"
+    assert (moved_mm[17:] > 0).mean() > 0.3  # measured: 25 of the 51 inner points moved
+    with pytest.raises(ValueError, match="fitted"):
+        convert_sfm(SFM_DIR, AUX_DIR, (0.72, 0.53, 0.44), landmarks="dlib")
+
+
+def test_fitted_inner_landmarks_reach_held_out_annotations_closer(sfm, sfm_file_landmarks):
+    """The model's own landmarks fitted to the annotated photos' ground truth (held out: the table was derived on
+    the sample photos against dlib): the fitted vertices get closer than ibug_to_sfm's on every photo (measured
+    inner NME 1.55 -> 1.23 % on the four, each photo 0.26-0.33 lower)."""
+    notes = find_annotations(ANNOTATED, ANNOTATED)
+    assert len(notes) >= 4
+    gt_crop = np.stack([transform_points(a.lmk_px, fit_similarity(five_points(a.lmk_px), TEMPLATE_5PT_PX))
+                        for a in notes.values()])
+    nme = {}
+    for name, model in [("fitted", sfm), ("file", sfm_file_landmarks)]:
+        decoder = FaceDecoder(model)
+        coeffs = fit_to_landmarks(decoder, decoder.layout.zeros(len(gt_crop), torch.device("cpu")),
+                                  torch.tensor(gt_crop, dtype=torch.float32), torch.ones(68), 600, 5.0e-2,
+                                  landmark_weight=1.0, coefficient_weight=1.0e-3)
+        with torch.no_grad():
+            lmk = decoder.landmark_px(decoder.layout.split(coeffs)).double().numpy()
+        nme[name] = landmark_nme(lmk, gt_crop, INNER_POINTS)
+    assert np.all(nme["fitted"] < nme["file"] - 0.001), nme
+    assert nme["fitted"].mean() < 0.9 * nme["file"].mean(), nme

@@ -5,6 +5,10 @@ a uniform skin tone and the albedo basis is empty (K_alb = 0) until the `albedo`
 Its landmark mapping (ibug_to_sfm.txt) leaves out the jaw contour (iBUG 1-8, 10-17) and the inner mouth
 corners (61, 65); `derive_landmarks` fills them in from the BFM mean 68-landmark template
 (similarity_Lm3D_all.mat) brought into SFM space by a similarity fitted on the mapped landmarks.
+ibug_to_sfm.txt's inner vertices (iBUG 17-67) sit 1-3 mm off where 300-W annotators put those points; by default
+(`landmarks="fitted"`) they are replaced by FITTED_INNER_LANDMARKS, re-chosen on the sample photos against dlib's
+predictor (trained on 300-W), which cuts the model's own landmark error on the held-out annotated photos
+(scripts/derive_sfm_landmarks.py has the method and the numbers).
 """
 from __future__ import annotations
 
@@ -22,6 +26,14 @@ SFM_LICENCE = ("Surrey Face Model: free for non-commercial (research) use only; 
 # Vertices closer than this to an eye, brow or lip landmark are not "skin" for albedo statistics.
 NON_SKIN_RADIUS_MM = 9.0
 NON_SKIN_LANDMARKS = list(range(17, 27)) + list(range(36, 48)) + list(range(48, 68))
+LANDMARK_CHOICES = ("fitted", "ibug_to_sfm")
+# iBUG 17-67 (0-based) -> SFM vertex: scripts/derive_sfm_landmarks.py on the 28 sample faces (8 mm search radius)
+FITTED_INNER_LANDMARKS = (
+    1291, 229, 233, 2086, 157, 590, 2091, 666, 662, 1292,  # brows 17-26
+    438, 379, 272, 114, 100, 2794, 270, 2797, 537,         # nose 27-35
+    2914, 3033, 2981, 181, 173, 2820, 614, 2985, 3036, 2917, 2822, 606,  # eyes 36-47
+    3307, 3044, 3281, 3404, 3283, 3047, 3309, 3061, 693, 411, 264, 3058,  # outer lips 48-59
+    3306, 419, 424, 831, 3308, 815, 442, 402)              # inner lips 60-67
 
 
 def read_ibug_mapping(path: str | Path) -> dict[int, int]:
@@ -80,9 +92,13 @@ def skin_region(mean_mm: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     return (dist > NON_SKIN_RADIUS_MM).astype(np.float32)
 
 
-def convert_sfm(sfm_dir: str | Path, bfm_aux_dir: str | Path, albedo_rgb: tuple[float, float, float]) -> FaceModel:
+def convert_sfm(sfm_dir: str | Path, bfm_aux_dir: str | Path, albedo_rgb: tuple[float, float, float],
+                landmarks: str = "fitted") -> FaceModel:
     """Read sfm_shape_3448.bin, expression_blendshapes_3448.bin, ibug_to_sfm.txt, sfm_model_contours.json from
-    `sfm_dir` and the 68-landmark template from `bfm_aux_dir`; albedo_rgb: uniform reflectance in [0, 1]."""
+    `sfm_dir` and the 68-landmark template from `bfm_aux_dir`; albedo_rgb: uniform reflectance in [0, 1];
+    landmarks: "fitted" (inner points FITTED_INNER_LANDMARKS) or "ibug_to_sfm" (the file's vertices)."""
+    if landmarks not in LANDMARK_CHOICES:
+        raise ValueError(f"SFM landmarks must be one of {LANDMARK_CHOICES}, got {landmarks!r}")
     import eos  # the cereal .bin format is eos's own; eos-py is the reference reader
 
     sfm_dir, bfm_aux_dir = Path(sfm_dir), Path(bfm_aux_dir)
@@ -99,12 +115,14 @@ def convert_sfm(sfm_dir: str | Path, bfm_aux_dir: str | Path, albedo_rgb: tuple[
     mapping = read_ibug_mapping(sfm_dir / "ibug_to_sfm.txt")
     contours = json.loads((sfm_dir / "sfm_model_contours.json").read_text())["model_contour"]
     template = loadmat(str(bfm_aux_dir / "similarity_Lm3D_all.mat"))["lm"].astype(np.float64)
-    landmarks = derive_landmarks(mean, mapping, contours, template)
+    landmark_ids = derive_landmarks(mean, mapping, contours, template)
+    if landmarks == "fitted":
+        landmark_ids[17:] = FITTED_INNER_LANDMARKS
     n = mean.shape[0]
     return FaceModel(
         mean_shape=mean.astype(np.float32), id_basis=id_basis, exp_basis=exp_basis,
         mean_albedo=np.tile(np.asarray(albedo_rgb, np.float32), (n, 1)),
-        albedo_basis=np.zeros((3 * n, 0), np.float32), triangles=tris, landmarks=landmarks,
-        face_region=skin_region(mean, landmarks), **no_mesh468(),
+        albedo_basis=np.zeros((3 * n, 0), np.float32), triangles=tris, landmarks=landmark_ids,
+        face_region=skin_region(mean, landmark_ids), **no_mesh468(),
         name="Surrey Face Model 3448", version="sfm3448-shape+6exp", licence=SFM_LICENCE)
 
