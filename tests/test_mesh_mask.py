@@ -10,7 +10,7 @@ import pytest
 from conftest import FACES, MEDIAPIPE_OBJ
 from pipeline.detect import CropSettings, LandmarkSettings, crop_photo
 from pipeline.detect.landmarks import landmarks_task
-from pipeline.evaluate.mask_comparison import iou
+from pipeline.evaluate.mask_comparison import compose, iou
 from pipeline.evaluate.synth import (SynthSettings, background_patch, painted_albedo, read_five_points,
                                      render_synthetic, true_region_in_crop, true_region_weights)
 from pipeline.face_model import FaceDecoder
@@ -99,9 +99,8 @@ def test_mesh_mask_matches_the_true_region_of_a_synthetic_render(sfm, tmp_path):
     row = crop_photo(image, CropSettings())[0]
     (points,), _ = landmarks_task(row, LandmarkSettings())
     crop, lmk = decode_rgb(row["crop"]), np.reshape(points["landmarks"], (68, 2))
-    to_crop = np.vstack([np.reshape(row["transform"], (2, 3)), [0, 0, 1]])
-    render_to_crop = (to_crop @ np.vstack([transform, [0, 0, 1]]))[:2]
-    truth = true_region_in_crop(decoder, coeffs, true_region_weights(model, "surface"), render_to_crop[None], 224)
+    render_to_crop = compose(np.reshape(row["transform"], (1, 2, 3)), transform[None])
+    truth = true_region_in_crop(decoder, coeffs, true_region_weights(model, "surface"), render_to_crop, 224)
     mask = face_mask(crop, lmk, MESH, mesh_px=np.reshape(row["mesh"], (N_MESH, 3)), mesh_score=row["mesh_score"])
     assert mask.method == "mesh"
     mesh_iou = iou(mask.weights[None] >= 128, truth)[0]
@@ -131,6 +130,14 @@ def test_mask_task_records_the_mesh_method(photo_face):
     _, _, row = photo_face
     (out,), rejects = mask_task(row, MESH, "cpu")
     assert not rejects and out["method"] == "mesh" and out["fallback"] is None
+
+
+def test_compose_applies_the_first_map_then_the_second():
+    rng = np.random.default_rng(0)
+    first, second, points = rng.normal(size=(3, 2, 3)), rng.normal(size=(3, 2, 3)), rng.normal(size=(3, 5, 2))
+    apply = lambda m, p: p @ m[:, :2].T + m[:, 2]  # noqa: E731
+    for f, s, p, c in zip(first, second, points, compose(second, first)):
+        assert np.allclose(apply(c, p), apply(s, apply(f, p)))
 
 
 def test_mask_parameters_are_checked_before_work(tmp_path):

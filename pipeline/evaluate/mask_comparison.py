@@ -72,18 +72,23 @@ def true_regions(model: FaceModel, decoder: FaceDecoder, truth: pd.DataFrame, fa
     -> canvas px); faces: their preprocessed rows (`transform`: canvas px -> crop px)."""
     coeffs = np.stack([np.concatenate([np.asarray(r[g], np.float32) for g in decoder.layout.sizes])
                        for _, r in truth.iterrows()])
-    to_canvas = stack_column(truth["transform"], (2, 3))
-    to_crop = stack_column(faces["transform"], (2, 3))
-    lift = np.array([0.0, 0.0, 1.0])
-    render_to_crop = np.stack([(np.vstack([c, lift]) @ np.vstack([r, lift]))[:2] for c, r in zip(to_crop, to_canvas)])
-    return {kind: true_region_in_crop(decoder, coeffs, true_region_weights(model, kind), render_to_crop, size_px)
+    to_crop = compose(stack_column(faces["transform"], (2, 3)), stack_column(truth["transform"], (2, 3)))
+    return {kind: true_region_in_crop(decoder, coeffs, true_region_weights(model, kind), to_crop, size_px)
             for kind in TRUE_REGIONS}
 
 
-def fit_vertex_errors(model: FaceModel, decoder: FaceDecoder, faces: pd.DataFrame, masks: np.ndarray, truth: pd.DataFrame,
-                      fit: FitSettings, lmk_weights: torch.Tensor, batch_size: int, alignment: str) -> pd.DataFrame:
-    """Fit every face of `faces` (by `decoder`, of `model`) with `masks` (N, S, S) uint8 as its face masks (method fit, as the reconstruct
-    stage does) and score against the truth (benchmark.synthetic_scores: err_mm etc. per face matched)."""
+def compose(second: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """The affine maps (N, 2, 3) x -> second(first(x)) of two (N, 2, 3) batches (e.g. canvas -> crop after
+    render -> canvas)."""
+    return second[:, :, :2] @ first + np.concatenate([np.zeros((len(first), 2, 2)), second[:, :, 2:]], axis=2)
+
+
+def fit_vertex_errors(model: FaceModel, decoder: FaceDecoder, faces: pd.DataFrame, masks: np.ndarray,
+                      truth: pd.DataFrame, fit: FitSettings, lmk_weights: torch.Tensor, batch_size: int,
+                      alignment: str) -> pd.DataFrame:
+    """Fit every face of `faces` by `decoder` with `masks` (N, S, S) uint8 as its face masks (method fit, as the
+    reconstruct stage does) and score against the truth with `model`'s mean shape and face region (the model the
+    faces were drawn from; benchmark.synthetic_scores: err_mm etc. per face matched)."""
     with_masks = faces.assign(mask=[encode_png(m) for m in masks])
     rows = reconstruct_faces(decoder, with_masks, "fit", fit, lmk_weights, batch_size=batch_size)
     return synthetic_scores(truth, pd.DataFrame(rows), model.mean_shape, model.face_region, alignment)
