@@ -1,6 +1,8 @@
 """Stage `masks`: a soft face-region mask per aligned crop (data/interim/masks.parquet, 224 x 224 PNG, 0..255) by
-BiSeNet face parsing when masks.bisenet_weights is set, else by the landmark-guided skin colour model; faces
-refused in data/interim/masks_rejects.parquet; metrics in reports/masks.json."""
+masks.method: the face mesh gated by skin colour (mesh; a face without a usable mesh falls back to skin, recorded
+in the `method` and `fallback` columns), the landmark-guided skin colour model (skin) or BiSeNet face parsing
+with masks.bisenet_weights (bisenet); faces refused in data/interim/masks_rejects.parquet; counts in
+reports/masks.json."""
 from __future__ import annotations
 
 import argparse
@@ -20,7 +22,7 @@ REPORT = Path("reports/masks.json")
 
 def parsing_device(settings: MaskSettings) -> str:
     """Where BiSeNet runs: the GPU when there is one (torch is only imported when BiSeNet is used)."""
-    if not settings.bisenet_weights:
+    if settings.method != "bisenet":
         return "cpu"
     import torch
     return "cuda" if torch.cuda.is_available() else "cpu"

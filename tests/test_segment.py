@@ -76,17 +76,17 @@ def test_bisenet_masks_run_end_to_end_from_a_weights_file(tmp_path, crops):
     torch.manual_seed(0)
     weights = tmp_path / "bisenet.pth"
     torch.save(BiSeNet().state_dict(), weights)
-    settings = MaskSettings(bisenet_weights=str(weights), min_coverage=0.0)
-    mask = face_mask(crops[0][0], crops[0][1], settings)
+    settings = MaskSettings(method="bisenet", bisenet_weights=str(weights), min_coverage=0.0)
+    mask = face_mask(crops[0][0], crops[0][1], settings).weights
     assert settings.method == "bisenet" and mask.shape == (224, 224) and mask.dtype == np.uint8
     assert mask.std() > 0  # a function of the image, not a constant
     with pytest.raises(ValueError, match="no such file"):
-        MaskSettings(bisenet_weights=str(tmp_path / "missing.pth"))
+        MaskSettings(method="bisenet", bisenet_weights=str(tmp_path / "missing.pth"))
     with pytest.raises(ValueError, match="unknown face classes"):
-        load_mask_model(MaskSettings(bisenet_weights=str(weights), face_classes=("skin", "beard")))
+        load_mask_model(MaskSettings(method="bisenet", bisenet_weights=str(weights), face_classes=("skin", "beard")))
     (tmp_path / "text.pth").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
-        load_mask_model(MaskSettings(bisenet_weights=str(tmp_path / "text.pth")))
+        load_mask_model(MaskSettings(method="bisenet", bisenet_weights=str(tmp_path / "text.pth")))
 
 
 def test_gaussian_mixture_recovers_a_known_mixture_and_is_a_density():
@@ -130,4 +130,4 @@ def test_tiny_masks_are_rejected(crops):
     crop, lmk = crops[0]
     with pytest.raises(Rejected, match="empty mask"):
         face_mask(crop, lmk, MaskSettings(min_coverage=0.9))
-    assert face_mask(crop, lmk, MaskSettings()).dtype == np.uint8
+    assert face_mask(crop, lmk, MaskSettings()).weights.dtype == np.uint8

@@ -52,7 +52,7 @@ def preprocess_photos(paths: Sequence[str | Path], crop: CropSettings, landmarks
     are computed afterwards in this process on `device`. Returns (faces, rejects) DataFrames with the columns of
     read_faces (SHARD_SCHEMA) and of the rejects tables (path, stage, reason, detail, id)."""
     load_mask_model(masks, device)
-    in_workers = None if masks.bisenet_weights else masks
+    in_workers = None if masks.method == "bisenet" else masks
     task = functools.partial(preprocess_photo, crop=crop, landmarks=landmarks, masks=in_workers, root=root)
     faces, rejects = [], []
     for photo_faces, photo_rejects in map_parallel(task, [Path(p) for p in paths], workers, chunk_size=1,

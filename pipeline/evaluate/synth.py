@@ -21,6 +21,7 @@ import torch
 
 from ..detect.alignment import transform_points
 from ..face_model import CoeffLayout, FaceDecoder, FaceModel
+from ..render import render
 from ..render.face import render_face
 from .metrics import check_shape
 
@@ -83,24 +84,73 @@ def _near_polyline(points_mm: np.ndarray, line_mm: np.ndarray, radius_mm: float)
     return np.sqrt(((points_mm[:, None] - samples[None]) ** 2).sum(-1)).min(1) <= radius_mm
 
 
+def feature_vertices(model: FaceModel) -> dict[str, np.ndarray]:
+    """(V,) bool vertex sets of the facial features, located from the mean shape's landmark vertices and
+    front-facing only (the back rim of the mask overlaps the eyes in x-y): 'brows' (within BROW_RADIUS_MM of the
+    brow lines 17-21, 22-26), 'eyes' (inside the eye polygons 36-41, 42-47 in the frontal x-y view, grown by
+    1.5 mm), 'lips' (inside the outer lip polygon 48-59 grown by 0.5 mm, outside the inner one 60-67) and
+    'inner_mouth' (inside the inner lip polygon 60-67)."""
+    mean = model.mean_shape.astype(np.float64)
+    lmk = mean[model.landmarks]
+    front = mean[:, 2] > np.percentile(mean[:, 2], 20)
+    brows = _near_polyline(mean, lmk[17:22], BROW_RADIUS_MM) | _near_polyline(mean, lmk[22:27], BROW_RADIUS_MM)
+    eyes = _inside_polygon(mean[:, :2], lmk[36:42, :2], 1.5) | _inside_polygon(mean[:, :2], lmk[42:48, :2], 1.5)
+    inner_mouth = _inside_polygon(mean[:, :2], lmk[60:68, :2], 0.0)
+    lips = _inside_polygon(mean[:, :2], lmk[48:60, :2], 0.5) & ~inner_mouth
+    return {"brows": brows & front, "eyes": eyes & front, "lips": lips & front, "inner_mouth": inner_mouth & front}
+
+
 def painted_albedo(model: FaceModel) -> np.ndarray:
-    """The model's mean albedo (V, 3) in [0, 1] with brows and eyes darkened and lips reddened, located from the
-    mean shape's landmark vertices (brows: within BROW_RADIUS_MM of the brow line; eyes and lips: inside their
-    landmark polygons in the frontal view, front-facing vertices only).
+    """The model's mean albedo (V, 3) in [0, 1] with brows and eyes darkened and lips reddened (feature_vertices).
 
     Why: a face model without a colour model (SFM, K_alb = 0) renders as a uniform skin mask, in which dlib's
     detector finds no eyes and misses most faces; real faces and a learned albedo model have these features."""
-    mean = model.mean_shape.astype(np.float64)
-    lmk = mean[model.landmarks]
-    front = mean[:, 2] > np.percentile(mean[:, 2], 20)  # the back rim of the mask overlaps the eyes in x-y
-    brows = _near_polyline(mean, lmk[17:22], BROW_RADIUS_MM) | _near_polyline(mean, lmk[22:27], BROW_RADIUS_MM)
-    eyes = _inside_polygon(mean[:, :2], lmk[36:42, :2], 1.5) | _inside_polygon(mean[:, :2], lmk[42:48, :2], 1.5)
-    lips = _inside_polygon(mean[:, :2], lmk[48:60, :2], 0.5) & ~_inside_polygon(mean[:, :2], lmk[60:68, :2], 0.0)
+    features = feature_vertices(model)
     albedo = model.mean_albedo.copy()
-    albedo[brows & front] *= BROW_FACTOR
-    albedo[eyes & front] *= EYE_FACTOR
-    albedo[lips & front] *= np.asarray(LIP_FACTOR, np.float32)
+    albedo[features["brows"]] *= BROW_FACTOR
+    albedo[features["eyes"]] *= EYE_FACTOR
+    albedo[features["lips"]] *= np.asarray(LIP_FACTOR, np.float32)
     return albedo
+
+
+TRUE_REGIONS = ("skin", "surface")
+
+
+def true_region_weights(model: FaceModel, kind: str) -> np.ndarray:
+    """(V,) float32 in [0, 1]: vertex weights of a synthetic face's true region, with the eye and inner-mouth
+    vertices (feature_vertices) at 0. kind 'skin': the model's face_region (its skin weights; the SFM's is 0 on
+    the brows, eyes, lips and mouth); 'surface': every vertex (the whole rendered face, brows and lips included,
+    as the masks' outlines mean it)."""
+    if kind not in TRUE_REGIONS:
+        raise ValueError(f"kind must be one of {TRUE_REGIONS}, got {kind!r}")
+    features = feature_vertices(model)
+    weights = model.face_region.astype(np.float32).copy() if kind == "skin" else np.ones(model.n_verts, np.float32)
+    weights[features["eyes"] | features["inner_mouth"]] = 0.0
+    return weights
+
+
+def true_region_in_crop(decoder: FaceDecoder, coeffs: np.ndarray, vertex_weights: np.ndarray,
+                        render_to_crop: np.ndarray, size_px: int) -> np.ndarray:
+    """The true face region of synthetic faces in their aligned crops: (N, size_px, size_px) bool.
+
+    The faces (coeffs (N, C) float32, as in truth.parquet) are rendered at the decoder camera's size with
+    vertex_weights (V,) (true_region_weights) as their colour, so the z-buffer keeps only the visible surface; a
+    pixel is true face where the interpolated weight is >= 0.5. render_to_crop: (N, 2, 3) render px -> crop px
+    (the crop's photo -> crop transform after the truth's render -> canvas one); warped bilinearly, kept >= 0.5.
+    """
+    n = len(coeffs)
+    check_shape("coeffs", np.asarray(coeffs), (n, decoder.layout.size))
+    check_shape("render_to_crop", np.asarray(render_to_crop), (n, 2, 3))
+    with torch.no_grad():
+        decoded = decoder(torch.as_tensor(coeffs, dtype=torch.float32))
+        check_shape("vertex_weights", np.asarray(vertex_weights), (decoded.verts_px.shape[1],))
+        colors = torch.as_tensor(vertex_weights, dtype=torch.float32).view(1, -1, 1).expand(n, -1, 3).contiguous()
+        size = decoder.camera.size_px
+        weights = render(decoded.verts_px, decoder.triangles, colors, size, size).image[:, 0].cpu().numpy()
+    region = (weights >= 0.5).astype(np.float32)
+    return np.stack([cv2.warpAffine(r, np.asarray(m, np.float64), (size_px, size_px), flags=cv2.INTER_LINEAR,
+                                    borderMode=cv2.BORDER_CONSTANT, borderValue=0) >= 0.5
+                     for r, m in zip(region, render_to_crop)])
 
 
 def sample_coefficients(layout: CoeffLayout, settings: SynthSettings, rng: np.random.Generator) -> np.ndarray:

@@ -26,7 +26,7 @@ CHEEKS = (np.array([1, 2, 3, 48, 31, 40, 41]), np.array([15, 14, 13, 54, 35, 47,
 NOSE = np.array([27, 31, 33, 35])
 LOWER_JAW = np.arange(4, 13)
 
-_SUBPIXEL_BITS = 4  # cv2.fillPoly fixed-point shift: polygons at 1/16 px
+SUBPIXEL_BITS = 4  # cv2.fillPoly fixed-point shift: polygons at 1/16 px
 _SKIN_COMPONENTS = 2
 _BACKGROUND_COMPONENTS = 4
 _SAMPLES_PER_CLASS = 1000
@@ -46,8 +46,8 @@ def _check_lmk(lmk_px: np.ndarray) -> np.ndarray:
 def polygons_mask(polygons: list[np.ndarray], size_px: int) -> np.ndarray:
     """Filled polygons as a (size_px, size_px) bool mask. polygons: each (N, 2) float px."""
     canvas = np.zeros((size_px, size_px), np.uint8)
-    fixed = [np.round(p * (1 << _SUBPIXEL_BITS)).astype(np.int32) for p in polygons]
-    cv2.fillPoly(canvas, fixed, 1, lineType=cv2.LINE_8, shift=_SUBPIXEL_BITS)
+    fixed = [np.round(p * (1 << SUBPIXEL_BITS)).astype(np.int32) for p in polygons]
+    cv2.fillPoly(canvas, fixed, 1, lineType=cv2.LINE_8, shift=SUBPIXEL_BITS)
     return canvas.astype(bool)
 
 
@@ -141,8 +141,14 @@ def skin_mask(crop_rgb: np.ndarray, lmk_px: np.ndarray, forehead_lift: float = 0
     regions = face_regions(lmk_px, crop_rgb.shape[0], forehead_lift)
     posterior = skin_posterior(crop_rgb, regions["skin_samples"], regions["background_samples"],
                                regions["near_face"])
-    inside = (regions["face"] & ~regions["holes"]).astype(np.float32)
+    return feather((regions["face"] & ~regions["holes"]).astype(np.float32), posterior, feather_px)
+
+
+def feather(inside: np.ndarray, weights: np.ndarray, feather_px: float) -> np.ndarray:
+    """Soft mask `weights` x `inside` with feathered edges: inside (S, S) float32 {0, 1} blurred by feather_px
+    (Gaussian sigma, px) and kept inside only, so weights fall to 0 at the outline, not beyond it; weights (S, S)
+    float32 in [0, 1] blurred by half as much. feather_px 0: no blur. Returns (S, S) float32 in [0, 1]."""
     if feather_px > 0:
         inside = cv2.GaussianBlur(inside, (0, 0), feather_px) * inside
-        posterior = cv2.GaussianBlur(posterior, (0, 0), feather_px / 2)
-    return (posterior * inside).clip(0.0, 1.0)
+        weights = cv2.GaussianBlur(weights, (0, 0), feather_px / 2)
+    return (weights * inside).clip(0.0, 1.0)

@@ -43,7 +43,9 @@ CROPS_SCHEMA = pa.schema(_FACE_META + [
     ("box_crop", pa.list_(pa.float32(), 4)),           # detection box mapped into the crop: left, top, right, bottom
 ] + _MESH_COLUMNS + _PHOTO_META)
 LANDMARKS_SCHEMA = pa.schema([("id", pa.string())] + _LANDMARK_COLUMNS + [("score", pa.float32())])
-MASKS_SCHEMA = pa.schema([("id", pa.string()), ("mask", pa.binary()), ("method", pa.string())])
+MASKS_SCHEMA = pa.schema([("id", pa.string()), ("mask", pa.binary()),
+                          ("method", pa.string()),      # the method that made the mask: mesh | skin | bisenet
+                          ("fallback", pa.string())])   # why not masks.method (a mesh fallback), null if it was
 SHARD_SCHEMA = pa.schema(_FACE_META + [("crop", pa.binary())] + _LANDMARK_COLUMNS + _MESH_COLUMNS + [
     ("mask", pa.binary()),                             # 224x224 uint8 PNG, soft face weights 0..255
     ("transform", TRANSFORM),
