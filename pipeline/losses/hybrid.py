@@ -3,6 +3,7 @@ and per-image fitting."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 import torch
 
 from . import (coefficient_regularizer, identity_loss, landmark_loss, lighting_regularizer, photometric_loss,
@@ -62,18 +63,27 @@ def hybrid_loss(face: FaceRender, coeffs: Coeffs, photo: torch.Tensor, face_mask
     if weights.mesh > 0 and mesh_px is not None:
         terms["mesh"] = landmark_loss(mesh_pred_px, mesh_px, mesh_weights, delta)
     if identity_features is not None and weights.identity > 0:
-        terms["identity"] = identity_loss(*identity_pair(identity_features, face, photo))
+        # Deep3DFaceRecon's choice: both chips cut by the similarity of the render's predicted five points
+        target = IdentityTarget.of(identity_features, photo, five_points_torch(face.decoded.lmk_px))
+        terms["identity"] = identity_loss(target.render_features(face, photo), target.photo_features)
     total = sum(getattr(weights, name) * value for name, value in terms.items())
     return total, terms
 
 
-def identity_pair(identity_features: IdentityFeatures, face: FaceRender,
-                  photo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(render features, photo features) (B, D), both chips cut by the similarity of the render's predicted
-    five points; the photo's features carry no gradient. The render is only defined on the face, so it is
-    composited over the photo: the two chips show the same pixels outside the face."""
-    five = five_points_torch(face.decoded.lmk_px).detach()
-    composite = face.image * face.mask + photo * (1 - face.mask)
-    with torch.no_grad():
-        target = identity_features(photo, five)
-    return identity_features(composite, five), target
+class IdentityTarget(NamedTuple):
+    """The photo's side of the identity term: the recogniser, the five points (B, 5, 2) px whose similarity
+    cuts both chips, and the photo's features (B, D), computed once (no gradient)."""
+    features: IdentityFeatures
+    five_px: torch.Tensor
+    photo_features: torch.Tensor
+
+    @classmethod
+    def of(cls, features: IdentityFeatures, photo: torch.Tensor, five_px: torch.Tensor) -> "IdentityTarget":
+        five_px = five_px.detach()
+        with torch.no_grad():
+            return cls(features, five_px, features(photo, five_px))
+
+    def render_features(self, face: FaceRender, photo: torch.Tensor) -> torch.Tensor:
+        """(B, D) features of the render, differentiable. The render is only defined on the face, so it is
+        composited over the photo: both chips show the same pixels outside the face."""
+        return self.features(face.image * face.mask + photo * (1 - face.mask), self.five_px)

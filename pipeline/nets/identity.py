@@ -54,9 +54,9 @@ def similarity_to_template(points_px: torch.Tensor, template_px: torch.Tensor) -
     return torch.cat([rot, shift[..., None]], dim=2)
 
 
-def _pixels_to_unit(size: int, like: torch.Tensor) -> torch.Tensor:
+def _pixels_to_unit(width: int, height: int, like: torch.Tensor) -> torch.Tensor:
     # grid_sample with align_corners=False puts pixel centre j at (2 j + 1) / size - 1
-    return like.new_tensor([[2.0 / size, 0.0, 1.0 / size - 1.0], [0.0, 2.0 / size, 1.0 / size - 1.0],
+    return like.new_tensor([[2.0 / width, 0.0, 1.0 / width - 1.0], [0.0, 2.0 / height, 1.0 / height - 1.0],
                             [0.0, 0.0, 1.0]])
 
 
@@ -64,19 +64,20 @@ def warp_to_template(img: torch.Tensor, points_px: torch.Tensor, template_px: np
                      size: int) -> torch.Tensor:
     """Cut out each image's chip: the similarity taking its points onto the template, bilinear, zero outside.
 
-    img: (B, C, H, W) float (H = W), pixel centres at integer px; points_px: (B, N, 2) px in img; template_px:
+    img: (B, C, H, W) float, pixel centres at integer px (x = column, y = row); points_px: (B, N, 2) px in img; template_px:
     (N, 2) px in the size x size chip. Returns (B, C, size, size), differentiable in img (the similarity is
     computed from detached points).
     """
-    if img.ndim != 4 or img.shape[-1] != img.shape[-2] or not img.is_floating_point():
-        raise ValueError(f"img: expected a float (B, C, S, S) tensor, got {img.dtype} {tuple(img.shape)}")
+    if img.ndim != 4 or not img.is_floating_point():
+        raise ValueError(f"img: expected a float (B, C, H, W) tensor, got {img.dtype} {tuple(img.shape)}")
     if points_px.ndim != 3 or points_px.shape[0] != img.shape[0] or points_px.shape[2] != 2:
         raise ValueError(f"points_px: expected ({img.shape[0]}, N, 2), got {tuple(points_px.shape)}")
     template = torch.as_tensor(template_px, dtype=img.dtype, device=img.device)
     m = similarity_to_template(points_px.detach().to(img.dtype), template)
     bottom = m.new_tensor([0.0, 0.0, 1.0]).expand(m.shape[0], 1, 3)
     chip_to_img = torch.linalg.inv(torch.cat([m, bottom], 1))
-    theta = (_pixels_to_unit(img.shape[-1], img) @ chip_to_img @ torch.linalg.inv(_pixels_to_unit(size, img)))[:, :2]
+    to_unit = _pixels_to_unit(img.shape[-1], img.shape[-2], img)
+    theta = (to_unit @ chip_to_img @ torch.linalg.inv(_pixels_to_unit(size, size, img)))[:, :2]
     grid = F.affine_grid(theta, [img.shape[0], img.shape[1], size, size], align_corners=False)
     return F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 

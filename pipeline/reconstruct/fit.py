@@ -15,8 +15,8 @@ import torch
 from ..face_model import Coeffs, Decoded, FaceDecoder
 from ..face_model.decode import MM_TO_WORLD
 from ..losses import identity_distance, landmark_loss
-from ..losses.hybrid import LossWeights, hybrid_loss, identity_pair
-from ..nets.identity import IdentityFeatures, check_identity_net, load_identity_features
+from ..losses.hybrid import IdentityTarget, LossWeights, hybrid_loss
+from ..nets.identity import IdentityFeatures, check_identity_net, five_points_torch, load_identity_features
 from ..render.face import FaceRender, render_face
 
 LANDMARK_STAGE_GROUPS = ("id", "exp", "rot", "trans")
@@ -174,7 +174,10 @@ def fit_coefficients(decoder: FaceDecoder, photo: torch.Tensor, face_mask: torch
         coeffs = pose_from_mesh(decoder, mesh_px, coeffs)
     mesh_xy = mesh_px[..., :2] if mesh_px is not None else None
     w = settings.weights
-    identity = settings.identity_features(photo.device)
+    features = settings.identity_features(photo.device)
+    # the photo's chip is cut by the detected landmarks' five points (the landmark stage has brought the model's
+    # onto them), so its features are computed once, not at every step as with the render's moving points
+    identity = None if features is None else IdentityTarget.of(features, photo, five_points_torch(lmk_px))
     if settings.landmark_steps > 0:
         coeffs = fit_to_landmarks(decoder, coeffs, lmk_px, lmk_weights, settings.landmark_steps, settings.lr,
                                   settings.landmark_stage_weight, settings.landmark_stage_coefficient,
@@ -237,10 +240,10 @@ def face_totals(terms: dict[str, torch.Tensor], weights: LossWeights) -> torch.T
 def per_face_terms(decoder: FaceDecoder, face: FaceRender, coeffs: torch.Tensor, photo: torch.Tensor,
                    face_mask: torch.Tensor, lmk_px: torch.Tensor, lmk_weights: torch.Tensor,
                    weights: LossWeights, mesh_px: torch.Tensor | None = None,
-                   identity_features: IdentityFeatures | None = None) -> dict[str, torch.Tensor]:
+                   identity: IdentityTarget | None = None) -> dict[str, torch.Tensor]:
     """The unweighted hybrid loss terms of each face of a rendered batch: {name: (B,)}. face: the render of
-    coeffs (B, C); mesh_px: (B, 468, 2) crop px or None (no "mesh" term); identity_features: the recogniser
-    (FitSettings.identity_features) or None (no "identity" term, as with weights.identity = 0); the other
+    coeffs (B, C); mesh_px: (B, 468, 2) crop px or None (no "mesh" term); identity: the photo's side of the identity
+    term (recogniser, five points, features) or None (no "identity" term, as with weights.identity = 0); the other
     tensors as in fit_coefficients.
     Rendering once and mapping hybrid_loss over the faces as batches of one (torch.func.vmap: the same terms as a
     loop over faces, in a few batched ops) keeps this cheap."""
@@ -258,6 +261,6 @@ def per_face_terms(decoder: FaceDecoder, face: FaceRender, coeffs: torch.Tensor,
 
     terms = torch.func.vmap(one_face)(face, decoder.layout.split(coeffs), photo, face_mask, lmk_px, mesh_pred,
                                       mesh_target)
-    if identity_features is not None and weights.identity > 0:  # batched: the recogniser runs once per step
-        terms["identity"] = identity_distance(*identity_pair(identity_features, face, photo))
+    if identity is not None and weights.identity > 0:  # batched: the recogniser runs once per step
+        terms["identity"] = identity_distance(identity.render_features(face, photo), identity.photo_features)
     return terms
