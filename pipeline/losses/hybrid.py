@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import NamedTuple
+
 import torch
 
 from . import (coefficient_regularizer, identity_loss, landmark_loss, lighting_regularizer, photometric_loss,
