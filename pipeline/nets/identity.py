@@ -64,8 +64,8 @@ def warp_to_template(img: torch.Tensor, points_px: torch.Tensor, template_px: np
                      size: int) -> torch.Tensor:
     """Cut out each image's chip: the similarity taking its points onto the template, bilinear, zero outside.
 
-    img: (B, C, H, W) float, pixel centres at integer px (x = column, y = row); points_px: (B, N, 2) px in img; template_px:
-    (N, 2) px in the size x size chip. Returns (B, C, size, size), differentiable in img (the similarity is
+    img: (B, C, H, W) float, pixel centres at integer px (x = column, y = row); points_px: (B, N, 2) px in img;
+    template_px: (N, 2) px in the size x size chip. Returns (B, C, size, size), differentiable in img (the similarity is
     computed from detached points).
     """
     if img.ndim != 4 or not img.is_floating_point():
