@@ -10,7 +10,7 @@ to reports/train.json; models/rnet_face_model.npz is the face model to decode th
 from models/rnet_last.pt when started again with the same params.
 
 Defaults (params.yaml) deviate from the paper's for a 2-core CPU and the ~24 sample training faces: resnet18 from
-random init (no ImageNet weights here), no identity loss (no ArcFace weights), 100 epochs of batch 8 with lr
+random init (no ImageNet weights here), no identity loss (train.identity_net: none), 100 epochs of batch 8 with lr
 1e-3 decayed x0.2 every 40 epochs (paper: resnet50, ImageNet init, 20 epochs of batch 32, lr 1e-4 decayed
 x0.2 every 10). Loss weights and augmentation are the paper's.
 """

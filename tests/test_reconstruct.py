@@ -231,7 +231,7 @@ def test_hybrid_loss_of_a_batch_is_the_mean_of_its_faces_losses(sfm):
     face_mask[0, :, :, :60] = 0  # a face with a much smaller mask than its batch mates
     lmk_px = face.decoded.lmk_px + torch.randn(face.decoded.lmk_px.shape, generator=g) * 3
 
-    def features(image):  # any unit embedding stands in for ArcFace
+    def features(image, five_px):  # any unit embedding of the image stands in for a recogniser (points unused)
         return torch.nn.functional.normalize(torch.nn.functional.avg_pool2d(image, 56).flatten(1), dim=1)
 
     args = (landmark_weights(), decoder.face_region, LossWeights(), features)

@@ -1,5 +1,5 @@
-"""Networks: R-Net (coefficient regressor), ArcFace IR-SE50 (identity features) and BiSeNet (face parsing),
-with strict loading of the public checkpoints they are published with.
+"""Networks: R-Net (coefficient regressor), dlib's face-recognition ResNet and ArcFace IR-SE50 (identity
+features), BiSeNet (face parsing), with strict loading of the public checkpoints they are published with.
 
 Every loader checks a file's keys and shapes against the network before loading it and names what differs,
 so a wrong or truncated download fails with a readable ValueError instead of a silent partial load.
@@ -75,7 +75,9 @@ def load_strictly(module: nn.Module, state: Mapping[str, torch.Tensor], source: 
 # the networks use the checkpoint checks above, so they are imported after them
 from .arcface import ArcFaceIRSE50, crop_to_arcface, load_arcface  # noqa: E402
 from .bisenet import BiSeNet, load_bisenet  # noqa: E402
+from .dlib_resnet import DlibFaceResNet, DlibFormatError, load_dlib_resnet  # noqa: E402
 from .rnet import build_rnet  # noqa: E402
 
-__all__ = ["ArcFaceIRSE50", "BiSeNet", "build_rnet", "crop_to_arcface", "load_arcface", "load_bisenet",
-           "load_strictly", "read_state_dict", "state_dict_mismatches"]
+__all__ = ["ArcFaceIRSE50", "BiSeNet", "DlibFaceResNet", "DlibFormatError", "build_rnet", "crop_to_arcface",
+           "load_arcface", "load_bisenet", "load_dlib_resnet", "load_strictly", "read_state_dict",
+           "state_dict_mismatches"]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import load_strictly, read_state_dict
+from .identity import warp_to_template
 
 ARCFACE_SIZE = 112
 CROP_SIZE = 224
@@ -50,22 +51,9 @@ def fit_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 CROP_TO_ARCFACE = fit_similarity(DENG_TEMPLATE_PX, ARCFACE_TEMPLATE_PX)  # (2, 3): 224-crop px -> 112-crop px
 
 
-def _pixels_to_unit(size: int) -> np.ndarray:
-    # grid_sample with align_corners=False puts pixel centre j at (2 j + 1) / size - 1
-    return np.array([[2.0 / size, 0.0, 1.0 / size - 1.0], [0.0, 2.0 / size, 1.0 / size - 1.0], [0.0, 0.0, 1.0]])
-
-
-def _sampling_theta() -> np.ndarray:
-    # affine_grid needs the map from output to input, in each image's [-1, 1] coordinates
-    arcface_to_crop = np.linalg.inv(np.vstack([CROP_TO_ARCFACE, [0.0, 0.0, 1.0]]))
-    return (_pixels_to_unit(CROP_SIZE) @ arcface_to_crop @ np.linalg.inv(_pixels_to_unit(ARCFACE_SIZE)))[:2]
-
-
-_THETA = _sampling_theta()
-
-
 def crop_to_arcface(img: torch.Tensor) -> torch.Tensor:
-    """Warp our aligned crops to ArcFace's 5-point template with one fixed similarity (CROP_TO_ARCFACE).
+    """Warp our aligned crops to ArcFace's 5-point template with one fixed similarity (CROP_TO_ARCFACE), the
+    case of identity.warp_to_template whose five points are the crop template's (DENG_TEMPLATE_PX).
 
     img: (B, C, 224, 224) float, any range. Returns (B, C, 112, 112) of the same dtype and device, bilinear,
     zero outside the crop; differentiable with respect to img.
@@ -73,9 +61,8 @@ def crop_to_arcface(img: torch.Tensor) -> torch.Tensor:
     if img.ndim != 4 or img.shape[-2:] != (CROP_SIZE, CROP_SIZE) or not img.is_floating_point():
         raise ValueError(f"img: expected a float (B, C, {CROP_SIZE}, {CROP_SIZE}) tensor, "
                          f"got {img.dtype} {tuple(img.shape)}")
-    theta = torch.as_tensor(_THETA, dtype=img.dtype, device=img.device).expand(img.shape[0], 2, 3)
-    grid = F.affine_grid(theta, [img.shape[0], img.shape[1], ARCFACE_SIZE, ARCFACE_SIZE], align_corners=False)
-    return F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    points = torch.as_tensor(DENG_TEMPLATE_PX, dtype=img.dtype, device=img.device).expand(img.shape[0], 5, 2)
+    return warp_to_template(img, points, ARCFACE_TEMPLATE_PX, ARCFACE_SIZE)
 
 
 class SqueezeExcitation(nn.Module):

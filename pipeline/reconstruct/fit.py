@@ -14,8 +14,9 @@ import torch
 
 from ..face_model import Coeffs, Decoded, FaceDecoder
 from ..face_model.decode import MM_TO_WORLD
-from ..losses import landmark_loss
-from ..losses.hybrid import LossWeights, hybrid_loss
+from ..losses import identity_distance, landmark_loss
+from ..losses.hybrid import IdentityTarget, LossWeights, hybrid_loss
+from ..nets.identity import IdentityFeatures, check_identity_net, five_points_torch, load_identity_features
 from ..render.face import FaceRender, render_face
 
 LANDMARK_STAGE_GROUPS = ("id", "exp", "rot", "trans")
@@ -50,8 +51,16 @@ class FitSettings:
     # 5.08 vs 5.68 mm synthetic vertex error at equal photo NME (3.09 vs 3.08 %)
     landmark_stage_mesh_weight: float = 4.0e-4
     pose_from_mesh: bool = True                 # start the pose from the mesh's 3D points (else frontal)
+    # the recogniser of the full stage's identity term (weights.identity): dlib (its ResNet; weights "" = the
+    # face_recognition_models copy), arcface (IR-SE50, weights required) or none (the term is off)
+    identity_net: str = "none"
+    identity_weights: str = ""
 
     def __post_init__(self):
+        try:
+            check_identity_net(self.identity_net, self.identity_weights)
+        except ValueError as error:
+            raise ValueError(f"reconstruct.{error}") from None
         for name in ("landmark_steps", "full_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -64,13 +73,21 @@ class FitSettings:
     @classmethod
     def from_params(cls, section: dict) -> "FitSettings":
         """From the plain `reconstruct` parameter section (landmark_steps, full_steps, lr, loss_weights,
-        landmark_stage_weight, landmark_stage_coefficient, landmark_stage_mesh_weight, pose_from_mesh)."""
+        landmark_stage_weight, landmark_stage_coefficient, landmark_stage_mesh_weight, pose_from_mesh,
+        identity_net, identity_weights)."""
         return cls(landmark_steps=section["landmark_steps"], full_steps=section["full_steps"], lr=section["lr"],
                    weights=LossWeights(**section["loss_weights"]),
                    landmark_stage_weight=section["landmark_stage_weight"],
                    landmark_stage_coefficient=section["landmark_stage_coefficient"],
                    landmark_stage_mesh_weight=section["landmark_stage_mesh_weight"],
-                   pose_from_mesh=section["pose_from_mesh"])
+                   pose_from_mesh=section["pose_from_mesh"], identity_net=section["identity_net"],
+                   identity_weights=section["identity_weights"])
+
+    def identity_features(self, device: torch.device) -> IdentityFeatures | None:
+        """The full stage's recogniser on `device` (loaded once per process), None when the term is off."""
+        if self.weights.identity <= 0 or self.full_steps == 0:
+            return None
+        return load_identity_features(self.identity_net, self.identity_weights, str(device))
 
 
 def _check_batch(photo: torch.Tensor, face_mask: torch.Tensor, lmk_px: torch.Tensor, mesh_px: torch.Tensor | None,
@@ -157,6 +174,10 @@ def fit_coefficients(decoder: FaceDecoder, photo: torch.Tensor, face_mask: torch
         coeffs = pose_from_mesh(decoder, mesh_px, coeffs)
     mesh_xy = mesh_px[..., :2] if mesh_px is not None else None
     w = settings.weights
+    features = settings.identity_features(photo.device)
+    # the photo's chip is cut by the detected landmarks' five points (the landmark stage has brought the model's
+    # onto them), so its features are computed once, not at every step as with the render's moving points
+    identity = None if features is None else IdentityTarget.of(features, photo, five_points_torch(lmk_px))
     if settings.landmark_steps > 0:
         coeffs = fit_to_landmarks(decoder, coeffs, lmk_px, lmk_weights, settings.landmark_steps, settings.lr,
                                   settings.landmark_stage_weight, settings.landmark_stage_coefficient,
@@ -170,7 +191,7 @@ def fit_coefficients(decoder: FaceDecoder, photo: torch.Tensor, face_mask: torch
     best, best_loss = coeffs.detach().clone(), torch.full((b,), float("inf"), device=coeffs.device, dtype=coeffs.dtype)
     for step in range(settings.full_steps + 1):
         face = render_face(decoder, coeffs)
-        terms = per_face_terms(decoder, face, coeffs, photo, face_mask, lmk_px, lmk_weights, w, mesh_xy)
+        terms = per_face_terms(decoder, face, coeffs, photo, face_mask, lmk_px, lmk_weights, w, mesh_xy, identity)
         loss = face_totals(terms, w)
         with torch.no_grad():
             improved = loss < best_loss
@@ -218,9 +239,12 @@ def face_totals(terms: dict[str, torch.Tensor], weights: LossWeights) -> torch.T
 
 def per_face_terms(decoder: FaceDecoder, face: FaceRender, coeffs: torch.Tensor, photo: torch.Tensor,
                    face_mask: torch.Tensor, lmk_px: torch.Tensor, lmk_weights: torch.Tensor,
-                   weights: LossWeights, mesh_px: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   weights: LossWeights, mesh_px: torch.Tensor | None = None,
+                   identity: IdentityTarget | None = None) -> dict[str, torch.Tensor]:
     """The unweighted hybrid loss terms of each face of a rendered batch: {name: (B,)}. face: the render of
-    coeffs (B, C); mesh_px: (B, 468, 2) crop px or None (no "mesh" term); the other tensors as in fit_coefficients.
+    coeffs (B, C); mesh_px: (B, 468, 2) crop px or None (no "mesh" term); identity: the photo's side of the identity
+    term (recogniser, five points, features) or None (no "identity" term, as with weights.identity = 0); the other
+    tensors as in fit_coefficients.
     Rendering once and mapping hybrid_loss over the faces as batches of one (torch.func.vmap: the same terms as a
     loop over faces, in a few batched ops) keeps this cheap."""
     with_mesh = mesh_px is not None and weights.mesh > 0 and decoder.has_mesh468
@@ -235,5 +259,8 @@ def per_face_terms(decoder: FaceDecoder, face: FaceRender, coeffs: torch.Tensor,
                                mesh_px=mesh_i[None] if with_mesh else None, mesh_weights=decoder.mesh468_weight)
         return terms
 
-    return torch.func.vmap(one_face)(face, decoder.layout.split(coeffs), photo, face_mask, lmk_px, mesh_pred,
-                                     mesh_target)
+    terms = torch.func.vmap(one_face)(face, decoder.layout.split(coeffs), photo, face_mask, lmk_px, mesh_pred,
+                                      mesh_target)
+    if identity is not None and weights.identity > 0:  # batched: the recogniser runs once per step
+        terms["identity"] = identity_distance(identity.render_features(face, photo), identity.photo_features)
+    return terms

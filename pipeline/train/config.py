@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..losses.hybrid import LossWeights
+from ..nets.identity import check_identity_net
 
 FACE_MODEL_ARRAYS = ("mean_albedo", "albedo_basis", "id_basis", "exp_basis")
 
@@ -25,7 +26,8 @@ class TrainConfig:
     BatchNorm statistics, which stay per process as in Deep3DFaceRecon)."""
     arch: str = "resnet50"
     init_weights: str = ""       # torchvision ResNet weights; "" = random init
-    arcface_weights: str = ""    # IR-SE50 weights; "" = identity loss off
+    identity_net: str = "none"   # recogniser of the identity term: dlib | arcface | none (nets.identity)
+    identity_weights: str = ""   # its weights: dlib .dat ("" = face_recognition_models'), IR-SE50 .pth
     epochs: int = 20
     batch_size: int = 32
     lr: float = 1.0e-4
@@ -46,6 +48,10 @@ class TrainConfig:
     eval_every: int = 50         # steps between validation passes and preview grids (also at start and end)
 
     def __post_init__(self):
+        try:
+            check_identity_net(self.identity_net, self.identity_weights)
+        except ValueError as error:
+            raise ValueError(f"train.{error}") from None
         unknown = set(self.trainable) - set(FACE_MODEL_ARRAYS)
         if unknown:
             raise ValueError(f"train.trainable: unknown face model arrays {sorted(unknown)}; "

@@ -63,7 +63,7 @@ def train(cfg: TrainConfig, net: nn.Module, face_model: FaceModel, train_set: Da
     fingerprint = {"config": asdict(cfg), "world_size": world.world_size, "n_train": len(train_set),
                    "face_model": face_model_digest(face_model)}
     _say(world, f"{len(train_set)} training faces, {total_steps} steps ({cfg.epochs} epochs of {per_epoch}); "
-                f"identity loss {'on' if trainer.identity else 'off (train.arcface_weights is empty)'}")
+                f"identity loss {f'on ({cfg.identity_net})' if trainer.identity else 'off'}")
 
     step, images, train_seconds, val_start = 0, 0, 0.0, None
     state = _read_resumable(paths.last, world) if resume and paths.last.exists() else None

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..face_model import Camera, FaceDecoder, FaceModel
 from ..losses import landmark_weights
 from ..losses.hybrid import hybrid_loss
-from ..nets import crop_to_arcface, load_arcface
+from ..nets.identity import load_identity_features
 from ..render.face import FaceRender, render_face
 from .augment import sample_similarity, warp
 from .config import TrainConfig
@@ -80,7 +80,8 @@ class Trainer:
                                                         gamma=cfg.lr_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.lmk_weights = landmark_weights(cfg.nose_weight, cfg.mouth_weight).to(device)
-        self.identity = _identity_features(cfg.arcface_weights, device)
+        self.identity = (load_identity_features(cfg.identity_net, cfg.identity_weights, str(device))
+                         if cfg.loss.identity > 0 else None)
         self.nonfinite = 0
         self._net_buffers = [b for b in net.buffers() if b.is_floating_point()]
 
@@ -150,10 +151,3 @@ class Trainer:
         arrays = {k: getattr(self.decoder, k).detach().cpu().numpy() for k in self.trainable}
         return replace(self.face_model, **arrays, version=f"{self.face_model.version}+trained")
 
-
-def _identity_features(arcface_weights: str, device: torch.device):
-    """ArcFace embeddings of (B, 3, 224, 224) crops -> (B, 512) unit, or None (identity term off) without weights."""
-    if not arcface_weights:
-        return None
-    arcface = load_arcface(arcface_weights, device)
-    return lambda image: arcface(crop_to_arcface(image))
