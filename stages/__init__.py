@@ -101,6 +101,7 @@ PARAM_CHECKS: dict[str, object] = {
     "reconstruct.landmark_stage_mesh_weight": _num(0), "reconstruct.pose_from_mesh": _bool,
     "reconstruct.loss_weights": _each_value(_num(0)),
     "reconstruct.write_meshes": _bool, "reconstruct.write_overlays": _bool, "reconstruct.write_crops": _bool,
+    "reconstruct.write_vertices": _bool,
     "train.face_model": _str, "train.shards": _str, "train.device": _choice("auto", "cpu", "cuda"),
     "train.resume": _bool, "train.arch": _choice("resnet18", "resnet50"), "train.init_weights": _str,
     "train.arcface_weights": _str, "train.epochs": _POS_INT, "train.batch_size": _POS_INT,

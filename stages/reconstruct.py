@@ -225,8 +225,6 @@ def main(argv=None) -> None:
         raise SystemExit(f"reconstruct: bad parameters: {error}") from None
     if not Path(p["face_model"]).is_file():
         raise SystemExit(f"reconstruct.face_model: no such file: {p['face_model']} (dvc repro albedo makes it)")
-    if p["batch_size"] < 1:
-        raise SystemExit(f"reconstruct.batch_size: expected >= 1, got {p['batch_size']}")
     rank, world = distributed_rank()
     device = pick_device(rank)
     dvc_mode = not args.photos and args.images is None

@@ -14,7 +14,8 @@ import numpy as np
 from ..shards.accounting import Rejected, StageReport, reject_row
 from ..shards.image_bytes import decode_rgb, encode_png
 from ..shards.stage_run import run_stage
-from ..shards.tables import MASKS_SCHEMA, count_rows, iter_rows, join_in_order
+from ..shards.ranks import RankShare, photo_of
+from ..shards.tables import MASKS_SCHEMA, iter_rows, join_in_order
 from .skin_model import skin_mask
 
 STAGE = "masks"
@@ -95,14 +96,16 @@ def mask_task(row: dict, settings: MaskSettings, device: str) -> tuple[list[dict
 
 
 def run_masks(crops_path: Path, landmarks_path: Path, settings: MaskSettings, workers: int, device: str,
-              masks_path: Path, rejects_path: Path) -> StageReport:
-    """The `masks` stage: the faces of the landmarks table (crops joined in order) -> masks table (MASKS_SCHEMA)
-    and its rejects. With BiSeNet everything runs in this process on `device` ("cpu" | "cuda[:i]"), torch
-    using its own threads; the skin model runs over `workers` processes. Returns the stage report."""
+              masks_path: Path, rejects_path: Path, share: RankShare = RankShare()) -> StageReport:
+    """The `masks` stage: the faces of the landmarks table (crops joined in order) of this rank's photos
+    (`share`; all of them in one process) -> masks table (MASKS_SCHEMA) and its rejects. With BiSeNet everything
+    runs in this process on `device` ("cpu" | "cuda[:i]"), torch using its own threads; the skin model runs over
+    `workers` processes. Returns the stage report."""
     faces = join_in_order(iter_rows(crops_path, columns=["id", "source", "crop"]),
                           iter_rows(landmarks_path, columns=["id", "landmarks"]))
+    faces = (row for row in faces if share.takes(photo_of(row["id"])))
     load_mask_model(settings, device)
     task = functools.partial(mask_task, settings=settings, device=device)
     processes = 1 if settings.bisenet_weights else workers
-    return run_stage(STAGE, task, faces, count_rows(landmarks_path), processes, 8, masks_path, MASKS_SCHEMA,
+    return run_stage(STAGE, task, faces, share.count(landmarks_path), processes, 8, masks_path, MASKS_SCHEMA,
                      rejects_path)
