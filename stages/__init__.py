@@ -118,7 +118,8 @@ PARAM_CHECKS: dict[str, object] = {
     "evaluate.alignment": _choice("rigid", "similarity"), "evaluate.eos_iterations": _int(0),
     "evaluate.eos_lambda_identity": _num(0), "evaluate.eos_lambda_expressions": _num(0),
     "bench.size_px": _POS_INT, "bench.batch": _POS_INT, "bench.reconstruct_batches": _POS_INT,
-    "bench.repeats": _POS_INT,
+    "bench.repeats": _POS_INT, "bench.scale_faces": _list_of(_POS_INT), "bench.scale_shard_rows": _POS_INT,
+    "bench.loader_batches": _POS_INT,
 }
 
 

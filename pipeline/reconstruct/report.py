@@ -34,7 +34,6 @@ LIGHT_AMBIENT = 0.15  # irradiance on surfaces seen edge-on (low: the relief rea
 LIGHT_FRONTAL = 0.85  # extra irradiance on surfaces facing the camera (so those reach 1.0)
 SHADING_BACKGROUND_RGB = (38, 42, 48)  # dark backdrop: light grey geometry reads like a studio render
 
-
 COLUMNS = ("Input crop", "Overlay on photo", "Mesh shading", "Landmarks")
 # Box width of each column relative to the thumbnail box: the overlay shows the whole (often landscape) photo.
 COLUMN_WIDTHS = (1.0, 1.5, 1.0, 1.0)
