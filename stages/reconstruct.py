@@ -73,10 +73,13 @@ def load_params(path: Path | None) -> dict:
 
 
 def distributed_rank() -> tuple[int, int]:
-    """(rank, world size) under torchrun, (0, 1) otherwise; initialises the process group once."""
+    """(rank, world size) under torchrun, (0, 1) otherwise; initialises the process group once (a rank that is
+    done waits for the others at the last barrier: up to BARRIER_TIMEOUT)."""
+    from pipeline.shards.ranks import BARRIER_TIMEOUT
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=BARRIER_TIMEOUT)
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
@@ -268,8 +271,7 @@ def main(argv=None) -> None:
             print_rejects(rejects)
             if len(faces) == 0:
                 raise SystemExit("no face to reconstruct")
-        mine = todo = [photos_job(faces.iloc[rank::world].reset_index(drop=True), digest, p["batch_size"], rank,
-                                  world)]
+        todo = [photos_job(faces.iloc[rank::world].reset_index(drop=True), digest, p["batch_size"], rank, world)]
 
     decoder = FaceDecoder(model if model is not None else load_face_model(model_path)).to(device)
     lmk_w = landmark_weights().to(device)
