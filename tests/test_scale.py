@@ -201,3 +201,21 @@ def test_loader_workers_give_each_face_once_per_epoch(runs):
             orders[workers] = [int(i) for batch in loader for i in batch["index"]]
         assert orders[0] == orders[2]  # workers change where batches are read, not which or in what order
         assert sorted(ids[i] for i in orders[2]) == sorted(ids)  # each face exactly once
+
+
+# ---- the scale bench's collections
+
+def test_replicated_shards_cycle_the_real_faces_under_unique_ids(runs, tmp_path):
+    from pipeline.bench.scale import replicate_shards
+    from pipeline.shards import read_faces
+
+    sources = sorted((runs["one"] / "data" / "shards").glob("*.parquet"))
+    real = read_faces(sources)
+    paths = replicate_shards(sources, 12, tmp_path, shard_rows=5, row_group_rows=2)
+    assert [pq.read_metadata(p).num_rows for p in paths] == [5, 5, 2]
+    assert [pq.read_metadata(p).num_row_groups for p in paths] == [3, 3, 1]
+    copies = read_faces(paths)
+    assert copies["id"].is_unique and len(copies) == 12
+    for i, row in copies.iterrows():
+        original = real.iloc[i % len(real)]
+        assert row["id"] == f"{original['id']}~{i // len(real)}" and row["crop"] == original["crop"]
