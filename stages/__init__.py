@@ -104,6 +104,7 @@ PARAM_CHECKS: dict[str, object] = {
     "reconstruct.loss_weights": _each_value(_num(0)),
     "reconstruct.identity_net": _choice("dlib", "arcface", "none"), "reconstruct.identity_weights": _str,
     "reconstruct.write_meshes": _bool, "reconstruct.write_overlays": _bool, "reconstruct.write_crops": _bool,
+    "reconstruct.write_vertices": _bool,
     "train.face_model": _str, "train.shards": _str, "train.device": _choice("auto", "cpu", "cuda"),
     "train.resume": _bool, "train.arch": _choice("resnet18", "resnet50"), "train.init_weights": _str,
     "train.identity_net": _choice("dlib", "arcface", "none"), "train.identity_weights": _str, "train.epochs": _POS_INT, "train.batch_size": _POS_INT,
@@ -120,7 +121,8 @@ PARAM_CHECKS: dict[str, object] = {
     "evaluate.alignment": _choice("rigid", "similarity"), "evaluate.eos_iterations": _int(0),
     "evaluate.eos_lambda_identity": _num(0), "evaluate.eos_lambda_expressions": _num(0),
     "bench.size_px": _POS_INT, "bench.batch": _POS_INT, "bench.reconstruct_batches": _POS_INT,
-    "bench.repeats": _POS_INT,
+    "bench.repeats": _POS_INT, "bench.scale_faces": _list_of(_POS_INT), "bench.scale_shard_rows": _POS_INT,
+    "bench.loader_batches": _POS_INT,
 }
 
 

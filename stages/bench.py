@@ -4,7 +4,9 @@
     renderer        render_sfm_img_s, render_bfm_size_img_s vs deodr_sfm_img_s (render_vs_deodr)
     preprocessing   preprocess_img_s vs landmark_bound_img_s (preprocess_vs_landmark_bound)
     reconstruction  reconstruct_network_img_s vs rnet_forward_bound_img_s, fit_s_per_image
-    training        train_img_s
+    training        train_img_s, train_loader_img_s_workers_0 / _2 (the epoch loader alone)
+    scale           per N of bench.scale_faces: scale_peak_rss_mb, scale_img_s, scale_dataset_img_s (a fresh
+                    process each); scale_rss_growth and scale_img_s_ratio (largest N vs smallest)
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +23,7 @@ from pipeline.bench.preprocess import landmark_bound_img_s, preprocess_img_s
 from pipeline.bench.reconstruct import reconstruct_throughput
 from pipeline.bench.render import (deodr_throughput, render_throughput, sfm_mean_face_scene,
                                    synthetic_bfm_size_mesh)
+from pipeline.bench.scale import loader_img_s, replicate_shards, scale_run
 from pipeline.bench.train import train_images_per_second
 from pipeline.detect import CropSettings, LandmarkSettings, list_photos
 from pipeline.face_model import FaceDecoder, load_face_model
@@ -39,7 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     keep_freed_memory()
     params = read_params(args.params, "bench", "data", "face_model", "crop", "landmarks", "masks",
-                         "workers", "reconstruct", "train")
+                         "workers", "reconstruct", "train", "pack")
     b = params["bench"]
     size, batch, repeats = b["size_px"], b["batch"], b["repeats"]
     torch.manual_seed(0)
@@ -78,6 +82,17 @@ def main() -> None:
     train_faces = ShardDataset(sorted(Path(params["train"]["shards"]).glob("train-*.parquet")))
     out["train_img_s"] = train_images_per_second(cfg, load_face_model(params["train"]["face_model"]), train_faces,
                                                   device)
+
+    sources = sorted(Path(r["shards"]).glob("*.parquet"))
+    row_group_rows = params["pack"]["row_group_rows"]
+    with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:  # the largest collection, shuffled epochs
+        shards = replicate_shards(sources, max(b["scale_faces"]), Path(tmp), b["scale_shard_rows"], row_group_rows)
+        for workers in (0, 2):
+            out[f"train_loader_img_s_workers_{workers}"] = loader_img_s(shards, cfg.batch_size, workers,
+                                                                        b["loader_batches"])
+    checkpoint = Path(r["checkpoint"])
+    out.update(scale_run(sources, b["scale_faces"], Path(r["face_model"]), checkpoint, cfg.arch, batch,
+                         b["scale_shard_rows"], row_group_rows))
 
     out = {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ from pipeline.evaluate.eos_baseline import SFM_VERTS, EosFitter
 from pipeline.evaluate.landmark_floor import model_landmark_floor
 from pipeline.face_model import FaceDecoder, load_face_model
 from pipeline.host_memory import keep_freed_memory
+from pipeline.reconstruct.parts import meshes_from_coefficients, read_reconstructions
 from stages import read_params
 
 
@@ -44,6 +45,16 @@ def seconds_per_face(summary_path: Path) -> float | None:
     """Wall time per face from a reconstruct summary.json ({faces, seconds, ...}); None if it has no faces."""
     summary = json.loads(summary_path.read_text())
     return summary["seconds"] / summary["faces"] if summary.get("faces") else None
+
+
+def synthetic_reconstructions(folder: Path) -> pd.DataFrame:
+    """The reconstruct_synth table with verts_model ((V*3,) float32 mm per face): stored when
+    reconstruct.write_vertices was on, else decoded from the coefficients with the face model the run used."""
+    recon = read_reconstructions(folder)
+    if "verts_model" not in recon.columns:
+        decoder = FaceDecoder(load_face_model(json.loads((folder / "summary.json").read_text())["face_model"]))
+        recon["verts_model"] = list(meshes_from_coefficients(decoder, recon).reshape(len(recon), -1))
+    return recon
 
 
 def run_eos(scores: pd.DataFrame, truth: pd.DataFrame, recon: pd.DataFrame, fitter: EosFitter) -> tuple:
@@ -75,7 +86,7 @@ def main(argv=None) -> None:
     model = load_face_model(params["synth"]["face_model"])
 
     truth = pd.read_parquet(args.synth / "truth.parquet")
-    recon = pd.read_parquet(args.synth / "reconstructions" / "coefficients.parquet")
+    recon = synthetic_reconstructions(args.synth / "reconstructions")
     scores = synthetic_scores(truth, recon, model.mean_shape, model.face_region, p["alignment"])
     if model.n_verts == SFM_VERTS and len(scores):
         fitter = EosFitter(p["sfm_dir"], model.landmarks, p["eos_iterations"], p["eos_lambda_identity"],
@@ -88,12 +99,12 @@ def main(argv=None) -> None:
                                 seconds_per_face(args.synth / "reconstructions" / "summary.json"))
 
     annotations = find_annotations(p["annotated_images"], p["annotations"])
-    annotated = pd.read_parquet(args.annotated / "coefficients.parquet")
+    annotated = read_reconstructions(args.annotated)
     ann_decoder = FaceDecoder(load_face_model(json.loads((args.annotated / "summary.json").read_text())["face_model"]))
     ann_scores = annotated_scores(annotated, annotations, functools.partial(model_landmark_floor, ann_decoder))
     metrics.update(annotated_metrics(ann_scores))
 
-    photos = pd.read_parquet(Path(params["reconstruct"]["out"]) / "coefficients.parquet")
+    photos = read_reconstructions(params["reconstruct"]["out"], ["masked_psnr"])
     psnr = photos["masked_psnr"].to_numpy(np.float64) if len(photos) else np.zeros(0)
     metrics.update(masked_psnr=float(np.nanmean(psnr)) if len(psnr) else None, masked_psnr_count=int(len(psnr)))
 

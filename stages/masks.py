@@ -2,15 +2,23 @@
 masks.method: the face mesh gated by skin colour (mesh; a face without a usable mesh falls back to skin, recorded
 in the `method` and `fallback` columns), the landmark-guided skin colour model (skin) or BiSeNet face parsing
 with masks.bisenet_weights (bisenet); faces refused in data/interim/masks_rejects.parquet; counts in
-reports/masks.json."""
+reports/masks.json.
+
+    python -m stages.masks
+    torchrun --nproc-per-node N -m stages.masks    # each rank the faces of its share of the photos; rank 0 merges
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from pipeline.host_memory import keep_freed_memory
 from pipeline.segment import MaskSettings, run_masks
+from pipeline.shards import MASKS_SCHEMA
+from pipeline.shards.ranks import RankShare, gather_stage
+from pipeline.shards.tables import count_rows
 from stages import build_settings, read_params
 
 CROPS = Path("data/interim/crops.parquet")
@@ -35,7 +43,17 @@ def main(argv: list[str] | None = None) -> None:
     keep_freed_memory()
     params = read_params(args.params, "masks", "workers")
     settings = build_settings(MaskSettings, params["masks"], "masks")
-    report = run_masks(CROPS, LANDMARKS, settings, params["workers"], parsing_device(settings), MASKS, REJECTS)
+    started = time.perf_counter()
+    share = RankShare.from_environment()
+    for table in (MASKS, REJECTS):
+        share.clear(table)
+    share.barrier()
+    report = run_masks(CROPS, LANDMARKS, settings, params["workers"], parsing_device(settings), share.part(MASKS),
+                       share.part(REJECTS), share)
+    report = gather_stage(share, report, started, count_rows(LANDMARKS), MASKS, MASKS_SCHEMA, REJECTS)
+    share.shutdown()
+    if report is None:  # another rank: rank 0 merged its tables and writes the report
+        return
     report.write_json(REPORT)
     print(json.dumps(report.as_dict()))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from pipeline.shards import run_pack
@@ -21,6 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     p = read_params(args.params, "pack")["pack"]
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: one streaming pass, on rank 0
+        return
     report = run_pack(INTERIM / "crops.parquet", INTERIM / "landmarks.parquet", INTERIM / "masks.parquet",
                       STAGE_REJECTS, SHARDS, REJECTS, p["val_ratio"], p["shard_rows"], p["row_group_rows"])
     report.write_json(REPORT)

@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from pipeline.face_model import FaceDecoder, load_face_model
 from pipeline.reconstruct.report import face_cards, read_metrics, report_html
-from pipeline.shards import decode_rgb, read_faces
+from pipeline.reconstruct.parts import read_reconstructions
+from pipeline.shards import decode_rgb
 from stages import read_params
 
 RECONSTRUCT_SUMMARY = Path("reports/reconstruct.json")  # the reconstruct stage's summary (dvc.yaml)
@@ -18,10 +20,15 @@ TRAIN_CURVES = Path("reports/train_curves.png")  # the train stage's curves (dvc
 
 
 def input_crops(shards_dir: Path, ids: set[str]) -> dict:
-    """{face id: aligned input crop (S, S, 3) uint8 RGB} for the ids found in the Parquet shards."""
-    faces = read_faces(sorted(shards_dir.glob("*.parquet")))
-    faces = faces[faces["id"].isin(ids)]
-    return {face_id: decode_rgb(crop) for face_id, crop in zip(faces["id"], faces["crop"])}
+    """{face id: aligned input crop (S, S, 3) uint8 RGB} for the ids found in the Parquet shards, read a row
+    group at a time (only the crops shown are kept)."""
+    crops = {}
+    for shard in sorted(shards_dir.glob("*.parquet")):
+        for batch in pq.ParquetFile(shard).iter_batches(columns=["id", "crop"]):
+            for face_id, crop in zip(batch.column("id").to_pylist(), batch.column("crop").to_pylist()):
+                if face_id in ids:
+                    crops[face_id] = decode_rgb(crop)
+    return crops
 
 
 def summary_line(table: pd.DataFrame, shown: int, model_name: str) -> str:
@@ -41,7 +48,7 @@ def main() -> None:
     p, rec = params["report"], params["reconstruct"]  # the report shows what the reconstruct stage wrote
 
     reconstructions = Path(rec["out"])
-    table = pd.read_parquet(reconstructions / "coefficients.parquet")
+    table = read_reconstructions(reconstructions)
     shown = table.head(p["max_faces"])
     # the model the coefficients belong to: the one reconstruct decoded with (the trained copy next to the
     # checkpoint when training changed the face model), else the configured one

@@ -615,24 +615,25 @@ def fabricated_annotated_reconstructions(annotations: dict) -> pd.DataFrame:
 def test_evaluate_stage_on_fabricated_reconstructions(sfm, tmp_path, monkeypatch):
     import stages.evaluate
     from pipeline.evaluate.landmark_floor import model_landmark_floor
+    from pipeline.reconstruct.parts import part_path
 
     # 400 of the floor fit's 2000 steps: within 0.01 NME of the full fit on these photos, a third of the time
     monkeypatch.setattr(stages.evaluate, "model_landmark_floor", functools.partial(model_landmark_floor, steps=400))
 
     truth, recon, _, _ = truth_and_reconstructions(sfm)
     synth = tmp_path / "synth"
-    (synth / "reconstructions").mkdir(parents=True)
+    part_path(synth / "reconstructions", "photos").parent.mkdir(parents=True)
     truth.to_parquet(synth / "truth.parquet")
-    recon.to_parquet(synth / "reconstructions" / "coefficients.parquet")
+    recon.to_parquet(part_path(synth / "reconstructions", "photos"))
     (synth / "reconstructions" / "summary.json").write_text(json.dumps({"faces": 2, "seconds": 3.0}))
     annotations = find_annotations(ANNOTATED, ANNOTATED)
     assert set(annotations) == set(annotated_photos())
     annotated = tmp_path / "annotated"
-    annotated.mkdir()
-    fabricated_annotated_reconstructions(annotations).to_parquet(annotated / "coefficients.parquet")
+    part_path(annotated, "photos").parent.mkdir(parents=True)
+    fabricated_annotated_reconstructions(annotations).to_parquet(part_path(annotated, "photos"))
     photos = tmp_path / "photos"
-    photos.mkdir()
-    pd.DataFrame({"masked_psnr": [20.0, 30.0]}).to_parquet(photos / "coefficients.parquet")
+    part_path(photos, "train-00000").parent.mkdir(parents=True)
+    pd.DataFrame({"masked_psnr": [20.0, 30.0]}).to_parquet(part_path(photos, "train-00000"))
     save_face_model(sfm, tmp_path / "model.npz")
     (annotated / "summary.json").write_text(json.dumps({"faces": 8, "face_model": str(tmp_path / "model.npz")}))
     params = {"synth": {"face_model": str(tmp_path / "model.npz")}, "reconstruct": {"out": str(photos)},

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT
+from pipeline.reconstruct.parts import read_reconstructions
 
 
 def write_params(workdir: Path, **overrides: dict) -> Path:
@@ -64,7 +65,7 @@ def test_long_and_colliding_names_each_get_their_own_bounded_files(tmp_path, fac
     params = quick_reconstruct_params(tmp_path, face_model_npz, write_overlays=False)
     out = tmp_path / "out"
     summary = run_reconstruct(["--images", str(photos), "--out", str(out), "--params", str(params)])
-    table = pd.read_parquet(out / "coefficients.parquet")
+    table = read_reconstructions(out)
     assert summary["faces"] == len(table) == len(names) and summary["rejected"] == 0
     stems = list(table["files_stem"])
     assert len(set(stems)) == len(names)  # no two faces share (and overwrite) files
@@ -110,7 +111,7 @@ def test_a_face_whose_files_fail_is_rejected_and_the_others_are_kept(tmp_path, f
     params = quick_reconstruct_params(tmp_path, face_model_npz, write_overlays=False)
     out = tmp_path / "out"
     summary = run_reconstruct(["--images", str(photos), "--out", str(out), "--params", str(params)])
-    table = pd.read_parquet(out / "coefficients.parquet")
+    table = read_reconstructions(out)
     rejects = pd.read_parquet(out / "rejects.parquet")
     assert list(table["id"]) == ["good.jpg#0"]
     assert list(rejects["id"]) == ["bad.jpg#0"] and list(rejects["reason"]) == ["output not written"]
@@ -194,7 +195,9 @@ def test_reusing_an_output_folder_clears_the_earlier_runs_results(tmp_path, face
     shutil.copy(faces_dir / "000002.jpg", photos / "now.jpg")
     out = tmp_path / "out"
     (out / "faces").mkdir(parents=True)
-    stale = [out / "rejects.parquet", out / "coefficients.rank1.parquet", out / "faces" / "before-0123456789.obj",
+    (out / "coefficients").mkdir()
+    stale = [out / "rejects.parquet", out / "coefficients.rank1.parquet", out / "coefficients" / "part-old.parquet",
+             out / "faces" / "before-0123456789.obj",
              out / "faces" / "before-0123456789_crop.png", out / "faces" / "before-0123456789_overlay.png",
              out / "faces" / ".before-0123456789.obj.abc.tmp"]
     pd.DataFrame({"path": ["old.jpg"], "stage": ["crop"], "reason": ["no face"], "detail": [""],
@@ -208,7 +211,7 @@ def test_reusing_an_output_folder_clears_the_earlier_runs_results(tmp_path, face
     summary = run_reconstruct(["--images", str(photos), "--out", str(out), "--params", str(params)])
     assert summary["rejected"] == 0 and not any(p.exists() for p in stale)
     assert all(p.read_text() == "the user's" for p in mine)
-    stem = pd.read_parquet(out / "coefficients.parquet")["files_stem"].iloc[0]
+    stem = read_reconstructions(out)["files_stem"].iloc[0]
     assert sorted(p.name for p in (out / "faces").iterdir()) == sorted(["keep.txt", f"{stem}.obj",
                                                                         f"{stem}_crop.png"])
 
@@ -225,8 +228,8 @@ def no_work(monkeypatch):
         raise AssertionError("work started before the parameters were checked")
 
     monkeypatch.setattr(pipeline.detect, "preprocess_photos", forbidden)
-    monkeypatch.setattr(pipeline.reconstruct.stream, "reconstruct_faces", forbidden)
-    monkeypatch.setattr("stages.reconstruct.reconstruct_faces", forbidden)
+    monkeypatch.setattr(pipeline.reconstruct.stream, "reconstruct_stream", forbidden)
+    monkeypatch.setattr("stages.reconstruct.reconstruct_stream", forbidden)
 
 
 def test_a_missing_params_file_is_an_error_not_the_defaults(tmp_path, faces_dir, no_work):
@@ -538,16 +541,3 @@ def test_training_curves_png_is_drawn_and_embedded_in_the_report(tmp_path):
     page = report_html("t", "s", {}, [], 96, 80, {"training curves": data})
     assert f'src="data:image/png;base64,{base64.b64encode(data).decode()}"' in page
     assert "http://" not in page and "https://" not in page and "Training curves" in page
-
-
-def test_rank_zero_gathers_the_other_ranks_unwritten_faces(tmp_path):
-    from stages.reconstruct import merge_rank_rejects, unwritten_rejects
-
-    chunk = pd.DataFrame({"id": ["p.jpg#0", "q.jpg#0"], "source": ["p.jpg", "q.jpg"]})
-    own = pd.DataFrame(unwritten_rejects(chunk.iloc[:1], [(0, OSError(28, "No space left on device"))]))
-    pd.DataFrame(unwritten_rejects(chunk.iloc[1:], [(0, OSError(36, "File name too long"))])).to_parquet(
-        tmp_path / "rejects.rank1.parquet")
-    own.to_parquet(tmp_path / "rejects.rank0.parquet")
-    merged = merge_rank_rejects(tmp_path, 0, own)
-    assert list(merged["id"]) == ["p.jpg#0", "q.jpg#0"] and set(merged["reason"]) == {"output not written"}
-    assert "File name too long" in merged["detail"].iloc[1] and not list(tmp_path.glob("rejects.rank*"))

@@ -186,12 +186,14 @@ def test_report_structure_images_and_escaping(report):
 
 def test_report_stage_reads_the_reconstruct_outputs_and_shards(decoder, inputs, tmp_path, monkeypatch):
     """stages.report end to end: the table, per-face files and model of `reconstruct`, crops from the shards."""
+    from pipeline.reconstruct.parts import part_path
     from stages.report import main
 
     root, table, crops = inputs
     recon = tmp_path / "reconstructions"
     shutil.copytree(root / "faces", recon / "faces")
-    table.to_parquet(recon / "coefficients.parquet")
+    part_path(recon, "val-00000").parent.mkdir()
+    table.to_parquet(part_path(recon, "val-00000"))
     blank_mask = encode_png(np.zeros((224, 224), np.uint8))
     write_table([{"id": face_id, "source": f"photos/{i}.jpg", "face_index": 0, "crop": crop,
                   "landmarks": np.zeros(136, np.float32), "mask": blank_mask, "transform": [1.0, 0, 0, 0, 1.0, 0],

@@ -21,7 +21,8 @@ import numpy as np
 from ..shards.accounting import Rejected, StageReport, reject_row
 from ..shards.image_bytes import decode_rgb
 from ..shards.stage_run import run_stage
-from ..shards.tables import LANDMARKS_SCHEMA, N_MESH, count_rows, iter_rows
+from ..shards.ranks import RankShare, photo_of
+from ..shards.tables import LANDMARKS_SCHEMA, N_MESH, iter_rows
 from .alignment import TEMPLATE_5PT_PX, five_points
 from .dlib_faces import detect_faces, fit_landmarks
 from .faces import DLIB_DETECTORS
@@ -123,11 +124,12 @@ def landmarks_task(row: dict, settings: LandmarkSettings) -> tuple[list[dict], l
 
 
 def run_landmarks(crops_path: Path, settings: LandmarkSettings, workers: int, landmarks_path: Path,
-                  rejects_path: Path) -> StageReport:
-    """The `landmarks` stage: crops table -> landmarks table (LANDMARKS_SCHEMA, in crop order) and its rejects.
-    Returns the stage report (inputs = outputs + rejects = faces)."""
-    crops = iter_rows(crops_path, columns=["id", "source", "crop", "box_crop", "detector", "mesh", "mesh_score",
-                                           "score"])
+                  rejects_path: Path, share: RankShare = RankShare()) -> StageReport:
+    """The `landmarks` stage: crops table -> landmarks table (LANDMARKS_SCHEMA, in crop order) and its rejects,
+    over the faces of this rank's photos (`share`; all of them in one process). Returns the stage report
+    (inputs = outputs + rejects = faces)."""
+    columns = ["id", "source", "crop", "box_crop", "detector", "mesh", "mesh_score", "score"]
+    crops = (row for row in iter_rows(crops_path, columns=columns) if share.takes(photo_of(row["id"])))
     task = functools.partial(landmarks_task, settings=settings)
-    return run_stage(STAGE, task, crops, count_rows(crops_path), workers, 64, landmarks_path, LANDMARKS_SCHEMA,
+    return run_stage(STAGE, task, crops, share.count(crops_path), workers, 64, landmarks_path, LANDMARKS_SCHEMA,
                      rejects_path)

@@ -1,7 +1,8 @@
 """Scoring reconstructions against ground truth: per-face tables and the summary metrics of `reports/metrics.json`.
 
-Inputs are the tables the stages write: `coefficients.parquet` of `stages.reconstruct` (one row per detected
-face) and `truth.parquet` of `stages.synth`. Landmark columns of a reconstruction row, each a flat list of
+Inputs are the tables the stages write: the reconstruction table of `stages.reconstruct`
+(pipeline.reconstruct.parts.read_reconstructions: one row per detected face; verts_model stored or rebuilt from
+the coefficients) and `truth.parquet` of `stages.synth`. Landmark columns of a reconstruction row, each a flat list of
 68 x 2 photo px: lmk_px (ours, jaw on the 2D silhouette: the iBUG / 300-W `.pts` convention), lmk3d_px (ours,
 the fixed 3D landmark vertices projected: the AFLW2000-3D `.mat` convention), input_lmk_px (the points the fit
 used as its target), dlib_lmk_px and mesh_lmk_px (the single detectors; all-NaN where one did not run).

@@ -26,16 +26,13 @@ from ..face_model import FaceDecoder
 from ..face_model.decode import SH_DC_INIT, sh_basis, sh_shading
 from ..render import render
 from ..shards import decode_rgb, encode_jpeg
+from .parts import COEFF_COLUMN_PREFIX
 
 # The mesh shading column shows geometry alone: a uniform grey surface under white light from the camera.
 SHADING_ALBEDO = 0.8
 LIGHT_AMBIENT = 0.15  # irradiance on surfaces seen edge-on (low: the relief reads better)
 LIGHT_FRONTAL = 0.85  # extra irradiance on surfaces facing the camera (so those reach 1.0)
 SHADING_BACKGROUND_RGB = (38, 42, 48)  # dark backdrop: light grey geometry reads like a studio render
-
-# The coefficients table (stages/reconstruct.py) keys faces by `id`, so the coefficient group columns carry a
-# prefix: `coeff_id` (identity), `coeff_exp`, ... (the identity group would otherwise collide with the face id).
-COEFF_COLUMN_PREFIX = "coeff_"
 
 COLUMNS = ("Input crop", "Overlay on photo", "Mesh shading", "Landmarks")
 # Box width of each column relative to the thumbnail box: the overlay shows the whole (often landscape) photo.

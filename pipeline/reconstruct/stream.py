@@ -1,4 +1,5 @@
-"""A faces table -> reconstruction rows, batch by batch: read ahead, reconstruct, score.
+"""Faces (a table, or batches streamed from the shards) -> reconstruction rows, batch by batch: read ahead,
+reconstruct, score.
 
 Three kinds of work per batch: decoding its images (a reader thread, one batch ahead), its coefficients (the R-Net
 forward pass or the fit, in the caller's thread, on every core) and its scoring (face_rows: the render, loss terms
@@ -14,6 +15,7 @@ on 2 cores, batch of 32: 3.4 ms per face on 1 thread, 2.6 on 2, 2.1 as two singl
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from typing import Callable
 
 import pandas as pd
@@ -38,19 +40,30 @@ def reconstruct_faces(decoder: FaceDecoder, faces: pd.DataFrame, method: str, fi
                       lmk_weights: torch.Tensor, network: Callable[[torch.Tensor], torch.Tensor] | None = None,
                       refine_steps: int = 0, batch_size: int = 32, on_batch: BatchDone | None = None) -> list[dict]:
     """Reconstruct every face of `faces` (rows with crop/mask/landmarks as in the shards) in batches of
-    batch_size by `method` (reconstruct_batch). Returns one row per face (face_rows), in table order.
-
-    Scheduling as in the module docstring. on_batch(...) is called once per scored slice, from a worker thread,
-    possibly for two slices at once, so it must be thread-safe. Each face's row is the same as face_rows over
-    its whole batch. A scoring failure reaches the caller, and stops the run before the next batch is reconstructed
-    when it has already happened.
-    """
+    batch_size (reconstruct_stream). Returns one row per face (face_rows), in table order."""
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    batches = (faces.iloc[lo:lo + batch_size] for lo in range(0, len(faces), batch_size))
+    return [row for rows in reconstruct_stream(decoder, batches, method, fit, lmk_weights, network, refine_steps,
+                                               on_batch) for row in rows]
+
+
+def reconstruct_stream(decoder: FaceDecoder, batches: Iterable[pd.DataFrame], method: str, fit: FitSettings,
+                       lmk_weights: torch.Tensor, network: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                       refine_steps: int = 0, on_batch: BatchDone | None = None) -> Iterator[list[dict]]:
+    """Reconstruct each batch of faces (DataFrames of rows with crop/mask/landmarks as in the shards, read lazily:
+    a streamed input is read one batch ahead) by `method` (reconstruct_batch); yields each batch's rows
+    (face_rows), in input order, so the caller can write them and keep nothing.
+
+    Scheduling as in the module docstring. on_batch(...) is called once per scored slice, from a worker thread,
+    possibly for two slices at once, so it must be thread-safe; a batch's on_batch calls are done before its rows
+    are yielded. Each face's row is the same as face_rows over its whole batch. A scoring failure reaches the
+    caller, and stops the run before the next batch is reconstructed when it has already happened.
+    """
     device = decoder.triangles.device
     overlap = overlaps_scoring(device)
     n_scorers = 1 if overlap else torch.get_num_threads()
-    chunks = [faces.iloc[lo:lo + batch_size] for lo in range(0, len(faces), batch_size)]
+    pending = (chunk for chunk in batches if len(chunk))
 
     def score(chunk: pd.DataFrame, coeffs: torch.Tensor, batch: FaceBatch) -> list[dict]:
         chunk_rows, render = face_rows(decoder, coeffs, batch, chunk, method, lmk_weights, fit.weights)
@@ -58,36 +71,39 @@ def reconstruct_faces(decoder: FaceDecoder, faces: pd.DataFrame, method: str, fi
             on_batch(chunk, chunk_rows, render, batch)
         return chunk_rows
 
-    rows: list[dict] = []
+    def rows_of(futures: list[Future]) -> list[dict]:
+        return [row for future in futures for row in future.result()]  # re-raises a worker's error here
+
     main_threads = torch.get_num_threads()
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
                 ThreadPoolExecutor(n_scorers, thread_name_prefix="score",
                                    initializer=None if overlap else torch.set_num_threads, initargs=(1,)) as scorers:
-            decoded = reader.submit(faces_to_batch, chunks[0], device) if chunks else None
+            chunk = next(pending, None)
+            decoded = reader.submit(faces_to_batch, chunk, device) if chunk is not None else None
             scoring: list[Future] = []
-            for k, chunk in enumerate(chunks):
+            while chunk is not None:
                 for future in scoring:
                     if future.done():
                         future.result()  # a failed slice stops the run before another fit is spent
                 batch = decoded.result()
-                if overlap and k + 1 < len(chunks):
-                    decoded = reader.submit(faces_to_batch, chunks[k + 1], device)
+                following = next(pending, None)
+                if overlap and following is not None:
+                    decoded = reader.submit(faces_to_batch, following, device)
                 coeffs = reconstruct_batch(decoder, batch, method, fit, lmk_weights, network, refine_steps)
-                if not overlap and k + 1 < len(chunks):  # on CPU the next batch decodes beside the scorers
-                    decoded = reader.submit(faces_to_batch, chunks[k + 1], device)
-                for future in scoring:
-                    rows.extend(future.result())  # re-raises a worker's error here; keeps rows in table order
+                if not overlap and following is not None:  # on CPU the next batch decodes beside the scorers
+                    decoded = reader.submit(faces_to_batch, following, device)
+                if scoring:
+                    yield rows_of(scoring)
                 bounds = [len(chunk) * i // n_scorers for i in range(n_scorers + 1)]
                 scoring = [scorers.submit(score, chunk.iloc[lo:hi], coeffs[lo:hi], batch[lo:hi])
                            for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
                 if not overlap:
-                    for future in scoring:
-                        rows.extend(future.result())
+                    yield rows_of(scoring)
                     scoring = []
-            for future in scoring:
-                rows.extend(future.result())
+                chunk = following
+            if scoring:
+                yield rows_of(scoring)
     finally:
         # torch.set_num_threads(1) in a scorer also sets the count that threads started later begin with
         torch.set_num_threads(main_threads)
-    return rows

@@ -18,7 +18,8 @@ import numpy as np
 from ..shards.accounting import Rejected, StageReport, reject_row
 from ..shards.image_bytes import decode_rgb, encode_png
 from ..shards.stage_run import run_stage
-from ..shards.tables import MASKS_SCHEMA, count_rows, iter_rows, join_in_order
+from ..shards.ranks import RankShare, photo_of
+from ..shards.tables import MASKS_SCHEMA, iter_rows, join_in_order
 from .mesh_mask import mesh_mask, mesh_triangles, mesh_usable
 from .skin_model import skin_mask
 
@@ -142,17 +143,19 @@ def mask_task(row: dict, settings: MaskSettings, device: str) -> tuple[list[dict
 
 
 def run_masks(crops_path: Path, landmarks_path: Path, settings: MaskSettings, workers: int, device: str,
-              masks_path: Path, rejects_path: Path) -> StageReport:
-    """The `masks` stage: the faces of the landmarks table (crops joined in order) -> masks table (MASKS_SCHEMA)
-    and its rejects. With BiSeNet everything runs in this process on `device` ("cpu" | "cuda[:i]"), torch
-    using its own threads; the other methods run over `workers` processes. Returns the stage report, its extra
-    counts: faces per method used (`methods`) and faces that fell back from the mesh (`mesh_fallbacks`)."""
+              masks_path: Path, rejects_path: Path, share: RankShare = RankShare()) -> StageReport:
+    """The `masks` stage: the faces of the landmarks table (crops joined in order) of this rank's photos
+    (`share`; all of them in one process) -> masks table (MASKS_SCHEMA) and its rejects. With BiSeNet everything
+    runs in this process on `device` ("cpu" | "cuda[:i]"), torch using its own threads; the other methods run
+    over `workers` processes. Returns the stage report, its extra counts: faces per method used (`methods`) and
+    faces that fell back from the mesh (`mesh_fallbacks`)."""
     faces = join_in_order(iter_rows(crops_path, columns=["id", "source", "crop", "mesh", "mesh_score"]),
                           iter_rows(landmarks_path, columns=["id", "landmarks"]))
+    faces = (row for row in faces if share.takes(photo_of(row["id"])))
     load_mask_model(settings, device)
     task = functools.partial(mask_task, settings=settings, device=device)
     processes = 1 if settings.method == "bisenet" else workers
-    report = run_stage(STAGE, task, faces, count_rows(landmarks_path), processes, 8, masks_path, MASKS_SCHEMA,
+    report = run_stage(STAGE, task, faces, share.count(landmarks_path), processes, 8, masks_path, MASKS_SCHEMA,
                        rejects_path)
     written = list(iter_rows(masks_path, columns=["method", "fallback"]))
     report.extra = {"methods": dict(Counter(r["method"] for r in written)),

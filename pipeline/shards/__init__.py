@@ -6,15 +6,15 @@ stages about a second per process.
 """
 from .accounting import Rejected, StageReport, reject_row, screen_photos
 from .image_bytes import decode_grey, decode_rgb, encode_jpeg, encode_png
-from .pack import read_faces, run_pack, split_of, write_shards
+from .pack import iter_faces, read_faces, run_pack, split_of, write_shards
 from .parallel import map_parallel, resolve_workers
 from .tables import (CROPS_SCHEMA, LANDMARKS_SCHEMA, MASKS_SCHEMA, REJECTS_SCHEMA, SHARD_SCHEMA, TableWriter,
                      iter_rows, join_in_order, write_table)
 
 __all__ = ["CROPS_SCHEMA", "LANDMARKS_SCHEMA", "MASKS_SCHEMA", "REJECTS_SCHEMA", "SHARD_SCHEMA", "Rejected",
            "ShardDataset", "StageReport", "TableWriter", "decode_grey", "decode_rgb", "encode_jpeg", "encode_png",
-           "iter_rows", "join_in_order", "map_parallel", "read_faces", "reject_row", "resolve_workers", "run_pack",
-           "screen_photos", "split_of", "write_shards", "write_table"]
+           "iter_faces", "iter_rows", "join_in_order", "map_parallel", "read_faces", "reject_row", "resolve_workers",
+           "run_pack", "screen_photos", "split_of", "write_shards", "write_table"]
 
 
 def __getattr__(name: str):

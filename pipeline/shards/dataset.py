@@ -13,6 +13,10 @@ from torch.utils.data import Dataset
 from .image_bytes import decode_grey, decode_rgb
 from .tables import N_LANDMARKS
 
+# the columns an item is made of: a row group is read without the others (the 468-point mesh alone is 1404
+# floats a face, which to_pydict would turn into Python objects for nothing)
+ITEM_COLUMNS = ["id", "source", "face_index", "crop", "mask", "landmarks", "transform", "score", "width", "height"]
+
 
 class ShardDataset(Dataset):
     """The faces of a list of shard files (SHARD_SCHEMA), indexed 0..len-1 in file, then row order.
@@ -59,7 +63,7 @@ class ShardDataset(Dataset):
             f, g = self._groups[group]
             if f not in self._files:
                 self._files[f] = pq.ParquetFile(self.paths[f])
-            self._cached_group = (group, self._files[f].read_row_group(g).to_pydict())
+            self._cached_group = (group, self._files[f].read_row_group(g, columns=ITEM_COLUMNS).to_pydict())
         return self._cached_group[1]
 
     def __getitem__(self, index: int) -> dict:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -100,6 +100,15 @@ def read_faces(paths: Iterable[str | Path]) -> pd.DataFrame:
     tables = [pq.read_table(path, schema=SHARD_SCHEMA) for path in paths]
     return (pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table()).to_pandas()
 
+
+
+def iter_faces(path: str | Path, batch_rows: int) -> Iterator[pd.DataFrame]:
+    """The rows of one shard file as DataFrames of `batch_rows` rows (the last one shorter; read_faces' columns),
+    read a row group at a time, so memory stays O(batch_rows + row group) whatever the shard's size."""
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=SHARD_SCHEMA.names):
+        yield pa.Table.from_batches([batch]).cast(SHARD_SCHEMA).to_pandas()
 
 DUPLICATE_FACE = "duplicate face"
 
