@@ -79,7 +79,8 @@ _STEPS, _POS_INT, _SIZE = _int(0), _int(1), _int(0)
 PARAM_CHECKS: dict[str, object] = {
     "workers": _int(0),
     "data.images": _str,
-    "face_model.source": _choice("sfm", "bfm"),
+    "face_model.source": _choice("sfm", "bfm", "ict"),
+    "face_model.ict_area": _choice("full", "narrow"),
     "face_model.sfm_albedo_rgb": _list_of(_num(0, 1)),
     "crop.detectors": _list_of(_str),  # the names: pipeline.detect.crop.CropSettings (the list grows with detectors)
     "crop.blazeface_min_score": _num(0, 1), "crop.mesh_passes": _POS_INT,
