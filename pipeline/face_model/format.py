@@ -179,13 +179,16 @@ def _validate_mesh468(m: FaceModel) -> None:
 
 def save_face_model(model: FaceModel, path: str | Path) -> None:
     """Write `model` to an .npz atomically (temp file in the same folder, then rename). The bytes depend on the
-    arrays alone (fixed zip timestamps, unlike np.savez), so DVC sees an unchanged model as unchanged."""
+    arrays alone (fixed zip timestamps, unlike np.savez), so DVC sees an unchanged model as unchanged; optional
+    arrays at their defaults (_OPTIONAL) are not written, so an SFM or BFM file is byte for byte what it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
     try:
         with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED) as archive:
             for f in fields(model):
+                if f.name in _OPTIONAL and np.array_equal(getattr(model, f.name), _OPTIONAL[f.name]()):
+                    continue  # an optional array at its default is left out: the file stays as it was before
                 info = zipfile.ZipInfo(f"{f.name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
                 with archive.open(info, "w", force_zip64=True) as member:
                     np.lib.format.write_array(member, np.asarray(getattr(model, f.name)), allow_pickle=False)

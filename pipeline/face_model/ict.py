@@ -230,10 +230,21 @@ def close_holes(verts: np.ndarray, tris: np.ndarray, loops: list[np.ndarray]) ->
 def convert_ict(source: str | Path, albedo_rgb: tuple[float, float, float], area: str = "narrow") -> FaceModel:
     """The ICT face model from `source` (the .tar.xz or a clone); area: 'full' | 'narrow' (module docstring);
     albedo_rgb: the uniform mean reflectance in [0, 1] (the Light model has no colour model)."""
+    if area not in AREAS:  # checked before the archive is read
+        raise FaceModelError(f"face_model.ict_area must be one of {AREAS}, got {area!r}")
+    return ict_face_model(read_ict(source), albedo_rgb, area)
+
+
+def expression_names(data: dict) -> list[str]:
+    """The expression shapes of the basis, in its column order: read_ict's 53 minus DROPPED_EXPRESSIONS."""
+    return [n for n in data["expressions"] if not DROPPED_EXPRESSIONS.match(n)]
+
+
+def ict_face_model(data: dict, albedo_rgb: tuple[float, float, float], area: str) -> FaceModel:
+    """The face model from read_ict's data (convert_ict's arguments otherwise)."""
     if area not in AREAS:
         raise FaceModelError(f"face_model.ict_area must be one of {AREAS}, got {area!r}")
-    data = read_ict(source)
-    names = [n for n in data["expressions"] if not DROPPED_EXPRESSIONS.match(n)]
+    names = expression_names(data)
     neutral = data["neutral"] * CM_TO_MM
     ids = np.stack([data["shapes"][f"identity{i:03d}"] * CM_TO_MM - neutral for i in range(N_IDENTITY)], -1)
     exps = np.stack([data["shapes"][n] * CM_TO_MM - neutral for n in names], -1)
