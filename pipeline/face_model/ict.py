@@ -11,16 +11,19 @@ the face-area vertices of each OBJ, so nothing is unpacked.
 - Eye holes are closed by a fan around one added vertex per hole (the mean of its boundary loop, in the mean
   and in every basis column, so it follows every deformation linearly): the Light model's eyeballs are separate
   rigid meshes that its blendshapes do not move, and a closed surface lets the renderer paint the eye region
-  (the photo shows eyes there, not the background). The mouth opening stays open: it is anatomy, the inner lips
-  meet across it when the mouth closes.
-- Identity: 100 PCA modes, each OBJ = neutral + one standard deviation (ICT's sample_random.py draws N(0, 1)
-  weights), so displacement = OBJ - generic_neutral_mesh and coefficients are N(0, 1) as the format wants.
+  (the photo shows eyes there, not the background; MediaPipe's eye points get a surface to land on). The mouth
+  opening stays open: it is anatomy, the inner lips meet across it when the mouth closes.
+- Identity: 100 PCA modes, each OBJ = neutral + one standard deviation (ICT's identity weights are unit-variance),
+  so displacement = OBJ - generic_neutral_mesh and coefficients are N(0, 1) as the format wants (checked: the
+  per-vertex standard deviation is of SFM's order, tests/test_ict.py).
 - Expression: the 53 ARKit-named shapes of vertex_indices.json minus the 8 eyeLook* ones, weights in [0, 1]
   (the model's exp_range). The eyeLook* shapes only drag the eyelids with the gaze (<= 3.5 mm, measured) of eyes
   this model does not carry, which the 68 landmarks cannot tell from eyeBlink / eyeWide / eyeSquint.
   mouthClose is kept: it is a corrective for jawOpen (the lips close over an open jaw).
 - Landmarks: the README's Multi-PIE 68 vertices with its alternative jawline for iBUG 0-7 and 9-16 (chosen by
-  `jaw_template_residual`: the fixed 3D jaw points against the BFM mean 68-landmark template, 2.6x closer).
+  `jaw_template_residual`: the fixed 3D jaw points against the BFM mean 68-landmark template, mean 16.4 mm off
+  against 24.5 mm for the Multi-PIE jaw, which sits too far forward). The silhouette jaw points slide along rows
+  cut at the jawline (jaw_rows_inside_jawline), stored as the model's jaw_candidates.
 """
 from __future__ import annotations
 
