@@ -213,3 +213,15 @@ def test_surface_error_is_zero_on_itself_and_grows_with_shape(ict):
     other = surface_errors(verts[:1], ict.landmarks, ict.face_region, verts[1:], ict.triangles, ict.landmarks)
     assert same[0] < 1e-6 and other[0] > 0.5
     assert compared_points(verts[0], ict.landmarks, ict.face_region).sum() > 1000
+
+
+def test_report_contact_sheet_renders_the_ict_model(ict):
+    """The report stage draws each face's shading with the face model of the reconstruction: ICT's works too."""
+    from pipeline.reconstruct.report import shading_image
+
+    decoder = FaceDecoder(ict)
+    image = shading_image(decoder, decoder.layout.zeros(1)[0])
+    assert image.shape == (224, 224, 3) and image.dtype == np.uint8
+    blank = image[0, 0]
+    face = (np.abs(image.astype(int) - blank).sum(-1) > 0).mean()
+    assert 0.2 < face < 0.9, face  # the face covers much of the crop, as the alignment template places it
