@@ -2,6 +2,7 @@
 and the model-agnostic surface error of the model comparison."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -225,3 +226,35 @@ def test_report_contact_sheet_renders_the_ict_model(ict):
     blank = image[0, 0]
     face = (np.abs(image.astype(int) - blank).sum(-1) > 0).mean()
     assert 0.2 < face < 0.9, face  # the face covers much of the crop, as the alignment template places it
+
+
+def test_a_clone_directory_reads_like_the_archive(ict_data, tmp_path):
+    """A user's clone of ICT-FaceKit (FaceXModel/*.obj, FaceXModel/vertex_indices.json, README.md), generated
+    here from the archive's face area, reads to the same arrays; a missing shape is named."""
+    folder = tmp_path / "FaceXModel"
+    folder.mkdir()
+
+    def write_obj(name, verts, quads=None):
+        lines = [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in verts]
+        lines += [] if quads is None else ["f " + " ".join(f"{i + 1}/{i + 1}" for i in q) for q in quads]
+        (folder / f"{name}.obj").write_text("\n".join(lines) + "\n")
+
+    write_obj("generic_neutral_mesh", ict_data["neutral"], ict_data["quads"])
+    for name, verts in ict_data["shapes"].items():
+        write_obj(name, verts)
+    (folder / "vertex_indices.json").write_text(json.dumps({"expressions": ict_data["expressions"]}))
+
+    def block(values):
+        return "    " + ", ".join(str(v) for v in values)
+    (tmp_path / "README.md").write_text(
+        "### Facial Landmarks\n\nMulti-PIE 68 point facial landmarks indices:\n\n" + block(ict_data["landmarks"])
+        + "\n\nRight jawline (substitutes 0-7 in Multi PIE):\n\n" + block(ict_data["jaw_right"])
+        + "\n\nLeft jawline (substitutes 9-16 in Multi PIE):\n\n" + block(ict_data["jaw_left"]) + "\n")
+    back = read_ict(tmp_path)
+    for key in ("quads", "landmarks", "jaw_right", "jaw_left"):
+        np.testing.assert_array_equal(back[key], ict_data[key])
+    np.testing.assert_allclose(back["neutral"], ict_data["neutral"], atol=1e-6)
+    assert back["expressions"] == ict_data["expressions"]
+    (folder / "jawOpen.obj").unlink()
+    with pytest.raises(FaceModelError, match="jawOpen"):
+        read_ict(tmp_path)
