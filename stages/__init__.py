@@ -79,7 +79,8 @@ _STEPS, _POS_INT, _SIZE = _int(0), _int(1), _int(0)
 PARAM_CHECKS: dict[str, object] = {
     "workers": _int(0),
     "data.images": _str,
-    "face_model.source": _choice("sfm", "bfm"),
+    "face_model.source": _choice("sfm", "bfm", "ict"),
+    "face_model.ict_area": _choice("full", "narrow"),
     "face_model.sfm_albedo_rgb": _list_of(_num(0, 1)), "face_model.sfm_landmarks": _choice("fitted", "ibug_to_sfm"),
     "crop.detectors": _list_of(_str),  # the names: pipeline.detect.crop.CropSettings (the list grows with detectors)
     "crop.blazeface_min_score": _num(0, 1), "crop.mesh_passes": _POS_INT,
@@ -117,6 +118,9 @@ PARAM_CHECKS: dict[str, object] = {
     "train.max_nonfinite": _int(0), "train.checkpoint_every": _POS_INT, "train.eval_every": _POS_INT,
     "report.title": _str, "report.max_faces": _int(0), "report.thumb_px": _POS_INT,
     "report.jpeg_quality": _int(1, 100), "report.metrics": _each_value(_str),
+    "model_comparison.synthetic_faces": _POS_INT, "model_comparison.seed": _int(0),
+    "model_comparison.yaw_max_deg": _num(0, 90), "model_comparison.full_steps": _STEPS,
+    "face_model.ict_source": _str,
     "synth.count": _POS_INT, "synth.seed": _int(0), "synth.face_model": _str, "synth.backgrounds": _str,
     "evaluate.alignment": _choice("rigid", "similarity"), "evaluate.eos_iterations": _int(0),
     "evaluate.eos_lambda_identity": _num(0), "evaluate.eos_lambda_expressions": _num(0),

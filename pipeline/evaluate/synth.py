@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import cv2
 import numpy as np
@@ -32,6 +32,7 @@ MIN_BACKGROUND_PX = 24  # smaller corner patches would be blown up into mush
 # Reflectance factors of the painted features (see painted_albedo): dark brows and eyes, red lips.
 BROW_FACTOR, EYE_FACTOR, LIP_FACTOR = 0.35, 0.2, (0.85, 0.5, 0.5)
 BROW_RADIUS_MM = 4.0
+BATCH = 8  # faces rendered together: bounds memory, keeps the CPU renderer's batches efficient
 
 
 @dataclass(frozen=True)
@@ -265,3 +266,52 @@ def render_synthetic(decoder: FaceDecoder, coeffs: np.ndarray, backgrounds: np.n
         areas.append(area)
     return SynthBatch(np.stack(images), np.stack(lmk).astype(np.float32),
                       face.decoded.verts_model.cpu().numpy().astype(np.float32), np.asarray(areas, np.float32))
+
+
+def drawing_model(model: FaceModel) -> FaceModel:
+    """The model faces are drawn from: without a colour model (K_alb = 0) the uniform skin gets painted brows, eyes
+    and lips (painted_albedo says why); otherwise the model itself."""
+    if model.k_alb:
+        return model
+    return model.with_albedo(painted_albedo(model), model.albedo_basis, model.version + "+painted-features")
+
+
+def background_sources(folder: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """[(name, photo (H, W, 3) uint8 RGB, five points (5, 2) px)] for each photo in `folder` with a
+    detections/NAME.txt."""
+    sources = []
+    for note in sorted((Path(folder) / "detections").glob("*.txt")):
+        photos = [p for p in Path(folder).glob(f"{note.stem}.*") if p.is_file()]
+        bgr = cv2.imread(str(photos[0])) if photos else None
+        if bgr is not None:
+            sources.append((photos[0].name, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), read_five_points(note)))
+    return sources
+
+
+def draw_faces(decoder: FaceDecoder, model_name: str, settings: SynthSettings,
+               sources: list[tuple[str, np.ndarray, np.ndarray]], count: int,
+               rng: np.random.Generator) -> Iterator[tuple[str, np.ndarray, dict]]:
+    """`count` random faces of the decoder's model over background patches of `sources` (background_sources):
+    yields (file name synth_NNNN.png, image (canvas, canvas, 3) uint8 RGB, truth row) per face, rendered BATCH at
+    a time. The row's columns are those of the synth stage's truth.parquet (stages/synth.py)."""
+    for lo in range(0, count, BATCH):
+        n = min(BATCH, count - lo)
+        coeffs = np.stack([sample_coefficients(decoder.layout, settings, rng) for _ in range(n)])
+        transforms = np.stack([sample_canvas_transform(settings, decoder.camera.size_px, rng) for _ in range(n)])
+        picks = rng.integers(len(sources), size=n)
+        backgrounds = np.stack([background_patch(sources[k][1], sources[k][2], settings.canvas_px, rng)
+                                for k in picks])
+        batch = render_synthetic(decoder, coeffs, backgrounds, transforms, settings.noise_std, rng)
+        groups = decoder.layout.split(torch.from_numpy(coeffs))
+        for i in range(n):
+            pitch, yaw, roll = np.degrees(groups.rot[i].numpy())
+            row = {"file": f"synth_{lo + i:04d}.png"}
+            row.update({g: getattr(groups, g)[i].numpy().copy() for g in groups._fields})
+            row.update(pitch_deg=float(pitch), yaw_deg=float(yaw), roll_deg=float(roll),
+                       canvas_rot_deg=float(math.degrees(math.atan2(transforms[i][1, 0], transforms[i][0, 0]))),
+                       canvas_scale=float(np.hypot(transforms[i][0, 0], transforms[i][1, 0])),
+                       transform=transforms[i].reshape(-1).astype(np.float32),
+                       lmk_px=batch.lmk_px[i].reshape(-1), verts_model=batch.verts_model[i].reshape(-1),
+                       face_area_px=float(batch.face_area_px[i]), background=sources[picks[i]][0],
+                       canvas_px=settings.canvas_px, face_model=model_name)
+            yield row["file"], batch.images[i], row

@@ -206,8 +206,9 @@ class FaceDecoder(nn.Module):
                 self.register_buffer(key, tensor)
         self.register_buffer("triangles", torch.from_numpy(model.triangles))
         self.register_buffer("landmarks", torch.from_numpy(model.landmarks))
-        self.register_buffer("jaw_candidates", torch.from_numpy(jaw_contour_candidates(model.mean_shape,
-                                                                                       model.landmarks)))
+        jaw = (model.jaw_candidates if model.jaw_candidates.size
+               else jaw_contour_candidates(model.mean_shape, model.landmarks))
+        self.register_buffer("jaw_candidates", torch.from_numpy(jaw))
         # The 468-point correspondence (empty when not derived) is fixed data of the face model, never trained:
         # kept out of the state dict so that snapshots from before it existed still load.
         # mesh468_vertices (U,): the corner vertices used; mesh468_corners (468, 3): each point's corners among them
@@ -216,10 +217,25 @@ class FaceDecoder(nn.Module):
         self.register_buffer("mesh468_corners", torch.from_numpy(corners.reshape(-1, 3)), persistent=False)
         self.register_buffer("mesh468_barycentric", torch.from_numpy(model.mesh468_barycentric), persistent=False)
         self.register_buffer("mesh468_weight", torch.from_numpy(model.mesh468_weight), persistent=False)
+        # the expression coefficients' interval (format.py exp_range; infinite for PCA expression models)
+        self.exp_lo, self.exp_hi = (float(v) for v in model.exp_range)
+
+    def expression_weights(self, exp_coeff: torch.Tensor) -> torch.Tensor:
+        """exp_coeff: (B, K_exp) -> the weights the decoder applies (B, K_exp): clamped to exp_range. Outside it
+        a coefficient gets no gradient through the mesh, only from the coefficient prior, which pulls it back to
+        the neutral 0 (a network's raw output); fits project their iterates into the range (project_coefficients_)."""
+        return exp_coeff.clamp(self.exp_lo, self.exp_hi)
+
+    def project_coefficients_(self, coeffs: torch.Tensor) -> torch.Tensor:
+        """Clamp, in place, the expression entries of coeffs (B, C) to exp_range (projected gradient descent for
+        fits with bounded expression weights); returns coeffs."""
+        with torch.no_grad():
+            self.layout.split(coeffs).exp.clamp_(self.exp_lo, self.exp_hi)
+        return coeffs
 
     def shape(self, id_coeff: torch.Tensor, exp_coeff: torch.Tensor) -> torch.Tensor:
         """id_coeff: (B, K_id), exp_coeff: (B, K_exp) -> verts_model (B, V, 3) mm."""
-        offsets = id_coeff @ self.id_basis.T + exp_coeff @ self.exp_basis.T
+        offsets = id_coeff @ self.id_basis.T + self.expression_weights(exp_coeff) @ self.exp_basis.T
         return self.mean_shape + offsets.view(id_coeff.shape[0], -1, 3)
 
     def albedo(self, alb_coeff: torch.Tensor) -> torch.Tensor:
@@ -246,7 +262,7 @@ class FaceDecoder(nn.Module):
         """The projections (B, N, 2) px of the vertices ids (N,) int64, decoding only those vertices; with
         depth, (B, N, 3): x_px, y_px and the camera depth (world units), as `project`."""
         rows = (ids[:, None] * 3 + torch.arange(3, device=ids.device)).reshape(-1)
-        offsets = c.id @ self.id_basis[rows].T + c.exp @ self.exp_basis[rows].T
+        offsets = c.id @ self.id_basis[rows].T + self.expression_weights(c.exp) @ self.exp_basis[rows].T
         verts_model = self.mean_shape[ids] + offsets.view(-1, len(ids), 3)
         projected = project(self.pose(verts_model, c.rot, c.trans), self.camera)
         return projected if depth else projected[..., :2]

@@ -15,6 +15,11 @@ Arrays (float32 unless noted), V vertices, F triangles, K_* components (any K ma
 - mesh468_barycentric (N, 3)      the point's barycentric coordinates in that triangle (>= 0, sum 1)
 - mesh468_weight      (N,)        its fitting weight in [0, 1] (0 = no counterpart on this model)
                                   N = 468, or 0 when the correspondence was not derived (mediapipe_mesh.py)
+- exp_range    (2,)            the interval [lo, hi] every expression coefficient must lie in (ICT's blendshape
+                               weights: [0, 1]); [-inf, inf] (no bound) for PCA expression models, and for
+                               files written before the array existed
+- jaw_candidates (16, K) int64 the vertex rows the silhouette jaw points 0-7, 9-16 slide along (-1 = padding), or
+                 (0, 0): rows derived from the mean shape (decode.jaw_contour_candidates; files before the array)
 plus 0-d strings: name, version, licence.
 """
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +37,10 @@ N_MESH468 = 468
 MESH468_ARRAYS = ("mesh468_triangle", "mesh468_barycentric", "mesh468_weight")
 BARYCENTRIC_TOL = 1e-5
 _STRINGS = ("name", "version", "licence")
+UNBOUNDED = (-np.inf, np.inf)
+_OPTIONAL = {"exp_range": lambda: np.asarray(UNBOUNDED, np.float32),  # array -> its value in older files
+             "jaw_candidates": lambda: np.zeros((0, 0), np.int64)}
+N_JAW_CANDIDATE_ROWS = 16
 
 
 class FaceModelError(ValueError):
@@ -54,6 +63,8 @@ class FaceModel:
     name: str
     version: str
     licence: str
+    exp_range: np.ndarray = field(default_factory=_OPTIONAL["exp_range"])
+    jaw_candidates: np.ndarray = field(default_factory=_OPTIONAL["jaw_candidates"])
 
     def __post_init__(self):
         validate_face_model(self)
@@ -119,14 +130,24 @@ def validate_face_model(m: FaceModel) -> None:
         "mesh468_triangle": (np.int64, (None,)),
         "mesh468_barycentric": (np.float32, (None, 3)),
         "mesh468_weight": (np.float32, (None,)),
+        "exp_range": (np.float32, (2,)),
+        "jaw_candidates": (np.int64, (None, None)),
     }
     for key, (dtype, shape) in expected.items():
         arr = getattr(m, key)
         _check(arr.dtype == dtype, f"{key}: expected dtype {np.dtype(dtype).name}, got {arr.dtype}")
         _check(arr.ndim == len(shape) and all(s is None or s == a for s, a in zip(shape, arr.shape)),
                f"{key}: expected shape {tuple('*' if s is None else s for s in shape)}, got {arr.shape}")
-        if dtype == np.float32:
+        if dtype == np.float32 and key != "exp_range":
             _check(bool(np.isfinite(arr).all()), f"{key}: contains NaN or Inf")
+    lo, hi = m.exp_range
+    _check(bool(lo < hi), f"exp_range: expected lo < hi (infinite for no bound), got {m.exp_range}")
+    jaw = m.jaw_candidates
+    if jaw.size:
+        _check(jaw.shape[0] == N_JAW_CANDIDATE_ROWS and jaw.min() >= -1 and jaw.max() < v
+               and bool((jaw >= 0).any(1).all()),
+               f"jaw_candidates: expected ({N_JAW_CANDIDATE_ROWS}, K) vertex ids in [0, {v}) padded with -1, "
+               f"each row non-empty, got shape {jaw.shape}, range [{jaw.min()}, {jaw.max()}]")
     _check(m.triangles.shape[0] > 0, "triangles: empty")
     for key in ("triangles", "landmarks"):
         arr = getattr(m, key)
@@ -158,13 +179,16 @@ def _validate_mesh468(m: FaceModel) -> None:
 
 def save_face_model(model: FaceModel, path: str | Path) -> None:
     """Write `model` to an .npz atomically (temp file in the same folder, then rename). The bytes depend on the
-    arrays alone (fixed zip timestamps, unlike np.savez), so DVC sees an unchanged model as unchanged."""
+    arrays alone (fixed zip timestamps, unlike np.savez), so DVC sees an unchanged model as unchanged; optional
+    arrays at their defaults (_OPTIONAL) are not written, so an SFM or BFM file is byte for byte what it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
     try:
         with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED) as archive:
             for f in fields(model):
+                if f.name in _OPTIONAL and np.array_equal(getattr(model, f.name), _OPTIONAL[f.name]()):
+                    continue  # an optional array at its default is left out: the file stays as it was before
                 info = zipfile.ZipInfo(f"{f.name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
                 with archive.open(info, "w", force_zip64=True) as member:
                     np.lib.format.write_array(member, np.asarray(getattr(model, f.name)), allow_pickle=False)
@@ -185,11 +209,11 @@ def load_face_model(path: str | Path) -> FaceModel:
         raise FaceModelError(f"{path}: not a face model .npz ({err})") from None
     with data:
         names = {f.name for f in fields(FaceModel)}
-        missing, extra = sorted(names - set(data.files)), sorted(set(data.files) - names)
+        missing, extra = sorted(names - set(data.files) - set(_OPTIONAL)), sorted(set(data.files) - names)
         _check(not missing, f"{path}: missing arrays {missing} (an older face model format: rerun "
                             "`dvc repro face_model`)")
         _check(not extra, f"{path}: unexpected arrays {extra}")
-        values = {k: (str(data[k]) if k in _STRINGS else data[k]) for k in names}
+        values = {k: (str(data[k]) if k in _STRINGS else data[k]) for k in names if k in data.files}
     try:
         return FaceModel(**values)
     except FaceModelError as err:

@@ -201,6 +201,7 @@ def fit_coefficients(decoder: FaceDecoder, photo: torch.Tensor, face_mask: torch
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()  # faces stay independent: each face's loss depends on its own coefficients only
         opt.step()
+        decoder.project_coefficients_(coeffs)  # bounded expression weights (ICT: [0, 1]) stay in their range
     return best
 
 
@@ -229,6 +230,7 @@ def fit_to_landmarks(decoder: FaceDecoder, start: torch.Tensor, lmk_px: torch.Te
         loss.backward()
         coeffs.grad.mul_(grad_mask)
         opt.step()
+        decoder.project_coefficients_(coeffs)
     return coeffs.detach()
 
 
