@@ -14,6 +14,7 @@
   one to beat. landmark_nme_model_floor: the face model's own landmarks fitted to the ground truth (no prior),
   the floor under any reconstruction's landmark_nme with that model.
 - Real photos: masked PSNR, the mean of the `reconstruct` stage's per-face values.
+- model_comparison: the `model_comparison` stage's report (SFM vs ICT on the same faces), copied in whole.
 
 Direction of the ratios: vertex_error_vs_eos = ours / eos (< 1: we are more accurate); fit_speed_vs_eos =
 our reconstruction s/face over eos's s/face (< 1: we are faster). Our time is the reconstruct stage's own
@@ -79,6 +80,8 @@ def main(argv=None) -> None:
     ap.add_argument("--annotated", type=Path, default=Path("data/annotated/reconstructions"))
     ap.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"))
     ap.add_argument("--faces", type=Path, default=Path("reports/evaluate_faces.csv"))
+    ap.add_argument("--model-comparison", type=Path, default=Path("reports/model_comparison.json"),
+                    help="the model_comparison stage's report, copied into the metrics as model_comparison")
     args = ap.parse_args(argv)
     keep_freed_memory()
     params = read_params(args.params, "evaluate", "synth.face_model", "reconstruct.out")
@@ -107,6 +110,10 @@ def main(argv=None) -> None:
     photos = read_reconstructions(params["reconstruct"]["out"], ["masked_psnr"])
     psnr = photos["masked_psnr"].to_numpy(np.float64) if len(photos) else np.zeros(0)
     metrics.update(masked_psnr=float(np.nanmean(psnr)) if len(psnr) else None, masked_psnr_count=int(len(psnr)))
+    if args.model_comparison.exists():
+        metrics["model_comparison"] = json.loads(args.model_comparison.read_text())
+    else:
+        print(f"model_comparison left out of the metrics: no {args.model_comparison} (dvc repro model_comparison)")
 
     args.metrics.parent.mkdir(parents=True, exist_ok=True)
     args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")

@@ -22,20 +22,14 @@ IDENTITY_NETS = ("dlib", "arcface", "none")
 IdentityFeatures = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-@functools.cache
-def _five_of_68() -> np.ndarray:
-    # detect.alignment.five_points is linear in the 68 points: its (5, 68) matrix, read off the unit vectors
-    from ..detect.alignment import five_points
-
-    return np.stack([five_points(np.eye(68)[:, [j, j]])[:, 0] for j in range(68)], axis=1)
-
-
 def five_points_torch(lmk68_px: torch.Tensor) -> torch.Tensor:
-    """(B, 68, 2) iBUG landmarks -> (B, 5, 2) alignment points (detect.alignment.five_points), same dtype."""
+    """(B, 68, 2) iBUG landmarks -> (B, 5, 2) alignment points, same dtype: eye centres (mean of each eye's 6
+    points), nose tip (30), mouth corners (48, 54), as detect.alignment.five_points (tests hold them equal;
+    nets does not import detect, whose package loads dlib and the detectors)."""
     if lmk68_px.ndim != 3 or lmk68_px.shape[1:] != (68, 2):
         raise ValueError(f"lmk68_px: expected (B, 68, 2), got {tuple(lmk68_px.shape)}")
-    return torch.einsum("fn,bnd->bfd", torch.as_tensor(_five_of_68(), dtype=lmk68_px.dtype,
-                                                       device=lmk68_px.device), lmk68_px)
+    return torch.stack([lmk68_px[:, 36:42].mean(1), lmk68_px[:, 42:48].mean(1), lmk68_px[:, 30],
+                        lmk68_px[:, 48], lmk68_px[:, 54]], dim=1)
 
 
 def similarity_to_template(points_px: torch.Tensor, template_px: torch.Tensor) -> torch.Tensor:
