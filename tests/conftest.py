@@ -14,6 +14,8 @@ ANNOTATED = SHARED / "samples" / "annotated"
 SFM_DIR = SHARED / "face_models" / "sfm"
 AUX_DIR = SHARED / "face_models" / "bfm_aux"
 MEDIAPIPE_OBJ = SHARED / "face_models" / "mediapipe" / "canonical_face_model.obj"
+ICT_ARCHIVE = SHARED / "face_models" / "ict" / "ICT-FaceKit-FaceXModel.tar.xz"
+ALBEDO = (0.72, 0.53, 0.44)  # the uniform albedo the converters give models without a colour model
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +26,25 @@ def sfm():
     from pipeline.face_model.sfm import convert_sfm
 
     return with_mesh468(convert_sfm(SFM_DIR, AUX_DIR, (0.72, 0.53, 0.44)), MEDIAPIPE_OBJ)
+
+
+@pytest.fixture(scope="session")
+def ict_data():
+    """read_ict of the real ICT-FaceKit archive, read once per session (one pass over the xz stream, ~15 s)."""
+    from pipeline.face_model.ict import read_ict
+
+    if not ICT_ARCHIVE.is_file():
+        pytest.fail(f"reference archive missing: {ICT_ARCHIVE}")
+    return read_ict(ICT_ARCHIVE)
+
+
+@pytest.fixture(scope="session")
+def ict(ict_data):
+    """The narrow (default) ICT model as the face_model stage builds it, with the 468-point correspondence."""
+    from pipeline.face_model.ict import ict_face_model
+    from pipeline.face_model.mediapipe_mesh import with_mesh468
+
+    return with_mesh468(ict_face_model(ict_data, ALBEDO, "narrow"), MEDIAPIPE_OBJ)
 
 
 @pytest.fixture(scope="session")

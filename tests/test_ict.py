@@ -19,25 +19,7 @@ from pipeline.face_model.mediapipe_mesh import read_canonical_obj, register_cano
 from pipeline.losses import landmark_weights
 from pipeline.reconstruct.fit import FitSettings, fit_coefficients
 from pipeline.render.face import render_face
-from conftest import AUX_DIR, MEDIAPIPE_OBJ, SHARED
-
-ICT_ARCHIVE = SHARED / "face_models" / "ict" / "ICT-FaceKit-FaceXModel.tar.xz"
-ALBEDO = (0.72, 0.53, 0.44)
-
-
-@pytest.fixture(scope="session")
-def ict_data():
-    """read_ict of the real archive, read once per session (one pass over the xz stream, ~15 s)."""
-    if not ICT_ARCHIVE.is_file():
-        pytest.fail(f"reference archive missing: {ICT_ARCHIVE}")
-    return read_ict(ICT_ARCHIVE)
-
-
-@pytest.fixture(scope="session")
-def ict(ict_data):
-    """The narrow (default) ICT model as the face_model stage builds it, with the 468-point correspondence."""
-    return with_mesh468(ict_face_model(ict_data, ALBEDO, "narrow"), MEDIAPIPE_OBJ)
-
+from conftest import ALBEDO, AUX_DIR, ICT_ARCHIVE, MEDIAPIPE_OBJ, SHARED
 
 @pytest.fixture(scope="session")
 def ict_full(ict_data):
@@ -258,3 +240,25 @@ def test_a_clone_directory_reads_like_the_archive(ict_data, tmp_path):
     (folder / "jawOpen.obj").unlink()
     with pytest.raises(FaceModelError, match="jawOpen"):
         read_ict(tmp_path)
+
+
+def test_training_runs_on_ict_with_expressions_in_range(ict, tmp_path):
+    """R-Net training (the real loop, renderer and hybrid loss) on the ICT model: finite losses, a checkpoint whose
+    face model keeps its [0, 1] expression range, and predictions that decode inside it."""
+    from test_train import CPU, paths_in, tiny_config, tiny_faces, tiny_net
+    from pipeline.face_model import CoeffLayout
+    from pipeline.train import train
+
+    layout = CoeffLayout.of(ict)
+    net = tiny_net(layout.size)
+    result = train(tiny_config(epochs=2), net, ict, tiny_faces(8), [], paths_in(tmp_path), CPU)
+    losses = [loss for _, loss in result.step_losses]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    saved = load_face_model(tmp_path / "fm.npz")
+    assert np.array_equal(saved.exp_range, [0.0, 1.0])
+    decoder = FaceDecoder(saved)
+    with torch.no_grad():
+        coeffs = net.eval()(torch.rand(2, 3, 32, 32)) + 5.0 * torch.randn(2, layout.size)  # far out of range too
+        weights = decoder.expression_weights(decoder.layout.split(coeffs).exp)
+        verts = decoder(coeffs).verts_model
+    assert weights.min() >= 0.0 and weights.max() <= 1.0 and torch.isfinite(verts).all()

@@ -1,6 +1,7 @@
 """Preprocessing throughput: the four stages end to end against their bound, the detection and landmarks of the
-chosen sources alone (the detector chain, the face mesh's passes and, for landmarks.source dlib or fused, dlib's
-68-point fit).
+chosen sources alone (the detector chain, the face mesh's passes and the alignment they drive and, for
+landmarks.source dlib or fused, dlib's 68-point fit on the crop with the seed box the landmarks stage gives it:
+HOG's box found on the crop for a face another detector found).
 
 Both are timed once over the same photos with the same worker count. Before timing, the workers' fork server
 is started and the models are loaded in the calling process (where small stages run in-process), so neither
@@ -15,11 +16,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..detect.crop import CropSettings, photo_mesh, run_crop, select_faces
+from ..detect.alignment import box_to_crop
+from ..detect.crop import CropSettings, align_face, run_crop, select_faces
 from ..detect.dlib_faces import cnn_detector, fit_landmarks, hog_detector, shape_predictor_68
 from ..detect.faces import detect_chain
 from ..detect.mediapipe import BLAZEFACE, MESH_MODEL, interpreter
-from ..detect.landmarks import LandmarkSettings, run_landmarks
+from ..detect.landmarks import LandmarkSettings, dlib_box_crop, run_landmarks
 from ..detect.photo_io import read_photo
 from ..segment.masks import MaskSettings, run_masks
 from ..shards.accounting import Rejected
@@ -69,17 +71,19 @@ def _detect_and_fit(path: Path, settings: CropSettings, with_dlib: bool) -> int:
     except Rejected:
         return 0
     for detection in chosen:
-        photo_mesh(rgb, detection, settings.mesh_passes)
+        crop, transform, _, _ = align_face(rgb, detection, settings.mesh_passes)
         if with_dlib:
-            fit_landmarks(rgb, detection.box_px)
+            seed = {"detector": detection.detector, "box_crop": box_to_crop(detection.box_px, transform)}
+            fit_landmarks(crop, dlib_box_crop(seed, crop))
     return len(chosen)
 
 
 def landmark_bound_img_s(photos: Sequence[Path], crop: CropSettings, landmarks: LandmarkSettings,
                          workers: int) -> float:
     """Photos/s of the work no preprocessing can skip: decode, the detector chain, the face mesh of each face kept
-    and, unless landmarks.source is "mesh", dlib's 68-point fit in its detection box, at the `crop` settings, over
-    `workers` processes (0 = all cores) as the crop stage distributes it."""
+    and its alignment to the crop and, unless landmarks.source is "mesh", dlib's 68-point fit on that crop from
+    the seed box the landmarks stage uses (dlib_box_crop), at the `crop` settings, over `workers` processes
+    (0 = all cores) as the crop stage distributes it. Not in it: encoding, tables, masks, shards, the pools."""
     _prepare(crop.detectors)
     task = functools.partial(_detect_and_fit, settings=crop, with_dlib=landmarks.source != "mesh")
     start = time.perf_counter()
