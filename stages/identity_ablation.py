@@ -106,12 +106,14 @@ def main(argv=None) -> None:
     p, e = params["reconstruct"], params["evaluate"]
     try:
         base = replace(FitSettings.from_params(p), full_steps=args.full_steps)
-        off = replace(base, weights=replace(base.weights, identity=0.0))
+        off = replace(base, weights=replace(base.weights, identity=0.0), identity_net="none", identity_weights="")
         on = replace(base, weights=replace(base.weights, identity=args.identity), identity_net="dlib",
                      identity_weights=p["identity_weights"] if p["identity_net"] == "dlib" else "")
         t = params["train"]
-        train_off = replace(train_config(t), epochs=max(args.train_epochs, 1),
-                            loss=replace(train_config(t).loss, identity=0.0))
+        train_base = train_config(t)
+        # epochs >= 1 keeps the config valid when --train-epochs 0 skips training
+        train_off = replace(train_base, epochs=max(args.train_epochs, 1), loss=replace(train_base.loss, identity=0.0),
+                            identity_net="none", identity_weights="")
         train_on = replace(train_off, loss=replace(train_off.loss, identity=args.identity), identity_net="dlib",
                            identity_weights=t["identity_weights"] if t["identity_net"] == "dlib" else "")
     except (TypeError, ValueError) as error:
