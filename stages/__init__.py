@@ -89,6 +89,7 @@ PARAM_CHECKS: dict[str, object] = {
     "crop.max_pixels": _POS_INT, "crop.detect_max_side_px": _SIZE, "crop.jpeg_quality": _int(1, 100),
     "landmarks.max_template_px": _num(above=0), "landmarks.source": _choice("dlib", "mesh", "fused"),
     "landmarks.fuse_max_disagreement": _num(above=0), "landmarks.min_mesh_score": _num(0, 1),
+    "landmarks.profile_yaw_deg": _num(0, 90),
     "masks.method": _choice("mesh", "skin", "bisenet"), "masks.mesh_obj": _str, "masks.min_mesh_score": _num(0, 1),
     "masks.skin_gate": _num(0, 1), "mask_comparison.synth_faces": _POS_INT,
     "masks.face_classes": _list_of(_str), "masks.bisenet_weights": _str, "masks.forehead_lift": _num(0),

@@ -14,15 +14,17 @@ import types
 import numpy as np
 import pytest
 
+from conftest import MEDIAPIPE_OBJ
 from pipeline.detect.alignment import fit_similarity, transform_points
 from pipeline.detect.dlib_faces import detect_faces, fit_landmarks
 from pipeline.detect.faces import detect_chain
 from pipeline.detect.landmarks import LandmarkSettings, choose_landmarks, point_set_nme
-from pipeline.detect.mediapipe import (MESH_INPUT_PX, Roi, detect_blazeface, face_mesh, roi_around, run_mesh,
-                                       weighted_nms)
+from pipeline.detect.mediapipe import (MESH_INPUT_PX, Roi, detect_blazeface, face_mesh, mesh_yaw_deg, roi_around,
+                                       run_mesh, weighted_nms)
 from pipeline.detect.mesh68 import MESH_TO_IBUG68, mesh_to_ibug68
 from pipeline.detect.photo_io import read_photo
 from pipeline.evaluate.metrics import landmark_nme
+from pipeline.face_model.mediapipe_mesh import read_canonical_obj
 
 REFERENCE_PHOTOS = ("000002.jpg", "015259.jpg", "vd025.png")
 
@@ -140,20 +142,43 @@ def test_detection_chain_records_its_detector_and_falls_back(faces_dir):
         detect_chain(rgb, ("retinaface",))
 
 
-def test_fused_landmarks_keep_dlib_unless_it_fails():
+def test_fused_landmarks_keep_dlib_unless_it_fails_or_the_head_is_turned():
     rng = np.random.default_rng(0)
     mesh68 = rng.uniform(60, 160, (68, 2))
     close = mesh68 + rng.normal(0, 1.0, (68, 2))        # ~1 % apart: dlib's own points are kept
     broken = mesh68[::-1] + 30.0                         # a catastrophic dlib fit: the mesh's points are taken
-    fused = LandmarkSettings(source="fused", fuse_max_disagreement=0.08)
-    assert choose_landmarks(close, mesh68, 0.99, fused)[1] == "dlib"
-    chosen, source = choose_landmarks(broken, mesh68, 0.99, fused)
+    fused = LandmarkSettings(source="fused", fuse_max_disagreement=0.08, profile_yaw_deg=40.0)
+    assert choose_landmarks(close, mesh68, 0.99, 10.0, fused)[1] == "dlib"
+    chosen, source = choose_landmarks(broken, mesh68, 0.99, 10.0, fused)
     assert source == "mesh" and chosen is mesh68 and point_set_nme(broken, mesh68) > 0.08
-    assert choose_landmarks(broken, mesh68, 0.1, fused)[1] == "dlib"  # a mesh without a face is not trusted
-    assert choose_landmarks(close, mesh68, 0.99, LandmarkSettings(source="mesh"))[1] == "mesh"
-    assert choose_landmarks(broken, mesh68, 0.99, LandmarkSettings(source="dlib"))[1] == "dlib"
+    assert choose_landmarks(broken, mesh68, 0.1, 10.0, fused)[1] == "dlib"  # a mesh without a face is not trusted
+    # past profile_yaw_deg either way the mesh's points are taken even where dlib's agree, and even from a mesh
+    # whose confidence has fallen, as it does at profiles
+    assert choose_landmarks(close, mesh68, 0.99, 39.0, fused)[1] == "dlib"
+    for yaw_deg, score in ((41.0, 0.99), (-41.0, 0.99), (60.0, 0.0)):
+        assert choose_landmarks(close, mesh68, score, yaw_deg, fused)[1] == "mesh"
+    never = LandmarkSettings(source="fused", profile_yaw_deg=90.0)
+    assert choose_landmarks(close, mesh68, 0.99, 89.0, never)[1] == "dlib"
+    assert choose_landmarks(close, mesh68, 0.99, 0.0, LandmarkSettings(source="mesh"))[1] == "mesh"
+    assert choose_landmarks(broken, mesh68, 0.99, 60.0, LandmarkSettings(source="dlib"))[1] == "dlib"
     with pytest.raises(ValueError, match="landmarks.source"):
         LandmarkSettings(source="both")
+    with pytest.raises(ValueError, match="landmarks.profile_yaw_deg"):
+        LandmarkSettings(profile_yaw_deg=-1.0)
+
+
+@pytest.mark.parametrize("yaw_deg", [-75.0, -30.0, 0.0, 20.0, 60.0])
+def test_mesh_yaw_reads_the_turn_of_a_rotated_canonical_mesh(yaw_deg):
+    """MediaPipe's canonical face (x right, y up, z out of the face, cm) turned by a known yaw and projected to
+    the mesh's px axes (y down, z away from the camera): mesh_yaw_deg returns that yaw, with the sign of the
+    model's R = Rz @ Ry(yaw) @ Rx (docs/conventions.md: a positive yaw takes the face's +z towards +x)."""
+    verts, _ = read_canonical_obj(MEDIAPIPE_OBJ)
+    a = np.radians(yaw_deg)
+    rot_y = np.array([[np.cos(a), 0.0, np.sin(a)], [0.0, 1.0, 0.0], [-np.sin(a), 0.0, np.cos(a)]])
+    mesh_px = 10.0 * (verts @ rot_y.T) * np.array([1.0, -1.0, -1.0]) + np.array([112.0, 112.0, 0.0])
+    assert abs(mesh_yaw_deg(mesh_px) - yaw_deg) < 1.0
+    with pytest.raises(ValueError, match="mesh_px"):
+        mesh_yaw_deg(mesh_px[:, :2])
 
 
 def test_alignment_points_of_the_mesh_frame_the_face_like_dlibs(faces_dir):

@@ -4,7 +4,8 @@ Two sources: dlib's shape predictor fitted on the upright, normalised crop, and 
 crop stage mapped to the 68 points (mesh68). `LandmarkSettings.source` chooses: "dlib", "mesh", or "fused"
 (default): dlib's points, which are the more precise on near-frontal photos, unless they disagree with the mesh's
 by more than `fuse_max_disagreement` (NME), as they do when dlib's predictor fails on a turned or occluded face
-(20-30 % NME), or the mesh's, which hold at every yaw. dlib's predictor is seeded by the detection box mapped
+(20-30 % NME), or the mesh says the head is turned further than `profile_yaw_deg` (mediapipe.mesh_yaw_deg), where
+dlib's predictor, trained on near-frontal faces, fails even when the two still agree; then the mesh's points. dlib's predictor is seeded by the detection box mapped
 into the crop for dlib's own detections; for others by the box of dlib's HOG detector run on the crop itself (the
 predictor was trained on such boxes: BlazeFace's are framed differently, and a fixed box misplaces turned faces),
 or DLIB_BOX_CROP_PX, where HOG boxes land on aligned crops, when HOG finds no face there. A chosen set whose 5 alignment points land far from the template reveals a false or badly
@@ -26,7 +27,7 @@ from ..shards.tables import LANDMARKS_SCHEMA, N_MESH, iter_rows
 from .alignment import TEMPLATE_5PT_PX, five_points
 from .dlib_faces import detect_faces, fit_landmarks
 from .faces import DLIB_DETECTORS
-from .mediapipe import box_iou
+from .mediapipe import box_iou, mesh_yaw_deg
 from .mesh68 import mesh_to_ibug68
 
 STAGE = "landmarks"
@@ -40,12 +41,14 @@ DLIB_BOX_CROP_PX = np.array([35.0, 36.0, 187.0, 188.0])
 class LandmarkSettings:
     """The `landmarks` params. source: "dlib" | "mesh" | "fused" (see the module doc); fuse_max_disagreement:
     fused takes the mesh's points when dlib's differ from them by more than this NME (mean distance over the
-    sqrt(w h) of their box); min_mesh_score: below this face-mesh confidence fused keeps dlib's points;
-    max_template_px: reject a face whose chosen 5 points are further than this from the template on average,
-    crop px."""
+    sqrt(w h) of their box); min_mesh_score: below this face-mesh confidence that disagreement is not trusted
+    (a mesh without a face); profile_yaw_deg: fused takes the mesh's points when its yaw (mesh_yaw_deg) is
+    beyond this, whatever its confidence, which falls at profiles (90 = never); max_template_px: reject a face
+    whose chosen 5 points are further than this from the template on average, crop px."""
     source: str = "fused"
     fuse_max_disagreement: float = 0.08
     min_mesh_score: float = 0.5
+    profile_yaw_deg: float = 40.0
     max_template_px: float = 12.0
 
     def __post_init__(self):
@@ -55,6 +58,8 @@ class LandmarkSettings:
             raise ValueError(f"landmarks.fuse_max_disagreement must be > 0, got {self.fuse_max_disagreement}")
         if not 0.0 <= self.min_mesh_score <= 1.0:
             raise ValueError(f"landmarks.min_mesh_score must be in [0, 1], got {self.min_mesh_score}")
+        if not 0.0 <= self.profile_yaw_deg <= 90.0:
+            raise ValueError(f"landmarks.profile_yaw_deg must be in [0, 90], got {self.profile_yaw_deg}")
         if self.max_template_px <= 0:
             raise ValueError(f"landmarks.max_template_px must be > 0, got {self.max_template_px}")
 
@@ -65,13 +70,15 @@ def point_set_nme(a_px: np.ndarray, b_px: np.ndarray) -> float:
     return float(np.linalg.norm(a_px - b_px, axis=1).mean() / max(np.sqrt(extent[0] * extent[1]), 1e-9))
 
 
-def choose_landmarks(dlib_px: np.ndarray, mesh68_px: np.ndarray, mesh_score: float,
+def choose_landmarks(dlib_px: np.ndarray, mesh68_px: np.ndarray, mesh_score: float, yaw_deg: float,
                      settings: LandmarkSettings) -> tuple[np.ndarray, str]:
-    """The 68 points to fit and their source name ("dlib" | "mesh"). dlib_px, mesh68_px: (68, 2) crop px."""
+    """The 68 points to fit and their source name ("dlib" | "mesh"). dlib_px, mesh68_px: (68, 2) crop px;
+    mesh_score: the mesh's confidence in [0, 1]; yaw_deg: its yaw (mediapipe.mesh_yaw_deg)."""
     if settings.source == "fused":
-        use_mesh = (mesh_score >= settings.min_mesh_score
+        profile = abs(yaw_deg) > settings.profile_yaw_deg
+        disagree = (mesh_score >= settings.min_mesh_score
                     and point_set_nme(dlib_px, mesh68_px) > settings.fuse_max_disagreement)
-        return (mesh68_px, "mesh") if use_mesh else (dlib_px, "dlib")
+        return (mesh68_px, "mesh") if profile or disagree else (dlib_px, "dlib")
     return (dlib_px, "dlib") if settings.source == "dlib" else (mesh68_px, "mesh")
 
 
@@ -87,7 +94,8 @@ def crop_landmarks(crop_rgb: np.ndarray, dlib_box_crop_px: np.ndarray, mesh_crop
     Returns (chosen (68, 2) float32 crop px, dlib's (68, 2) float32 crop px, source name).
     Raises Rejected 'landmarks off template'."""
     dlib_px = fit_landmarks(crop_rgb, dlib_box_crop_px)
-    chosen, source = choose_landmarks(dlib_px.astype(np.float64), mesh_to_ibug68(mesh_crop_px), mesh_score, settings)
+    chosen, source = choose_landmarks(dlib_px.astype(np.float64), mesh_to_ibug68(mesh_crop_px), mesh_score,
+                                      mesh_yaw_deg(mesh_crop_px), settings)
     error = template_error_px(chosen)
     if error > settings.max_template_px:
         raise Rejected(OFF_TEMPLATE, f"5 points of the {source} landmarks {error:.1f} px from the template > "
