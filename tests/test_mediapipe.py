@@ -16,7 +16,8 @@ import pytest
 
 from conftest import MEDIAPIPE_OBJ
 from pipeline.detect.alignment import fit_similarity, transform_points
-from pipeline.detect.dlib_faces import detect_faces, fit_landmarks
+from pipeline.detect.crop import MESH_RETRY_SCORE, photo_mesh
+from pipeline.detect.dlib_faces import Detection, detect_faces, fit_landmarks
 from pipeline.detect.faces import detect_chain
 from pipeline.detect.landmarks import LandmarkSettings, choose_landmarks, point_set_nme
 from pipeline.detect.mediapipe import (MESH_INPUT_PX, Roi, detect_blazeface, face_mesh, mesh_yaw_deg, roi_around,
@@ -127,6 +128,25 @@ def test_mesh_landmarks_turn_with_the_face_in_the_image_plane(faces_dir):
     assert mesh_to_ibug68(turned) == pytest.approx(mesh_to_ibug68(mesh) @ rot.T + [17.0, -5.0], abs=1e-9)
     fixed = mesh[list(MESH_TO_IBUG68), :2]
     assert np.array_equal(mesh_to_ibug68(mesh)[17:], fixed[17:])  # only the jaw slides
+
+
+@pytest.mark.parametrize("name", ["000006.jpg", "015259.jpg"])
+def test_a_mesh_from_a_tilted_roi_is_retried_upright(faces_dir, name):
+    """Detection eye points a quarter turn off (as a turned head's can be) tilt the first ROI: that mesh scores
+    below MESH_RETRY_SCORE and lands far from the face, and photo_mesh's upright retry recovers the mesh of
+    the detector's own ROI on these upright faces."""
+    rgb = read_photo(faces_dir / name)
+    found = detect_chain(rgb, ("blazeface_full",))[0]
+    good, _ = photo_mesh(rgb, found, 2)
+    centre = (found.box_px[:2] + found.box_px[2:]) / 2
+    quarter = np.array([[0.0, -1.0], [1.0, 0.0]])
+    turned = Detection(found.box_px, found.score, found.detector, (found.keypoints_px - centre) @ quarter.T + centre)
+    tilted, tilted_score = face_mesh(rgb, roi_around(turned.box_px, *turned.keypoints_px[:2]), 2)
+    side_px = float(max(found.box_px[2:] - found.box_px[:2]))
+    assert tilted_score < MESH_RETRY_SCORE and np.linalg.norm(tilted[:, :2] - good[:, :2], axis=1).mean() > 0.2 * side_px
+    mesh, score = photo_mesh(rgb, turned, 2)
+    assert score >= MESH_RETRY_SCORE
+    assert np.linalg.norm(mesh[:, :2] - good[:, :2], axis=1).mean() < 0.02 * side_px
 
 
 def test_detection_chain_records_its_detector_and_falls_back(faces_dir):
