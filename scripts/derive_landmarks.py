@@ -20,7 +20,8 @@ face_model paths; ICT: face_model.ict_area) but with the model file's landmarks 
 for FITTED_INNER_LANDMARKS in pipeline/face_model/sfm.py (--model sfm) or ict.py (--model ict; ICT ids are
 read_ict's, geometry #0, so the table holds for either area).
 
-Usage (repo root, after `dvc repro pack`): python scripts/derive_landmarks.py --model sfm|ict
+Usage (repo root, after `dvc repro pack`; PYTHONPATH=. so that this tree's pipeline is imported):
+    PYTHONPATH=. python scripts/derive_landmarks.py --model sfm|ict
 Measured when derived: see FITTED_INNER_LANDMARKS in pipeline/face_model/sfm.py and ict.py.
 """
 from __future__ import annotations

@@ -523,21 +523,26 @@ def test_mesh468_points_of_a_frontal_mean_face_look_like_a_face(sfm):
     assert 200 < left.sum() < 268  # the 468 points are left/right symmetric about the nose
 
 
-def test_face_model_stage_writes_the_correspondence(sfm, tmp_path, monkeypatch):
+@pytest.mark.parametrize("source", ["sfm", "ict"])
+def test_face_model_stage_writes_the_correspondence(source, request, tmp_path, monkeypatch):
+    """The stages face_model and face_model_ict (--source ict) write the model the fixtures build (fitted
+    landmarks by params.yaml's face_model.landmarks)."""
     import yaml
     from stages import face_model as stage
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     p = params["face_model"]
     assert (REPO_ROOT / p["mediapipe_obj"]).resolve() == MEDIAPIPE_OBJ.resolve()
-    for key in ("sfm_dir", "bfm_aux_dir", "mediapipe_obj"):
+    assert p["landmarks"] == "fitted"
+    for key in ("sfm_dir", "bfm_aux_dir", "mediapipe_obj", "ict_source"):
         p[key] = str((REPO_ROOT / p[key]).resolve())
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"face_model": p}))
     out = tmp_path / "face_model.npz"
-    monkeypatch.setattr("sys.argv", ["face_model", "--params", str(tmp_path / "params.yaml"), "--out", str(out)])
+    monkeypatch.setattr("sys.argv", ["face_model", "--params", str(tmp_path / "params.yaml"), "--out", str(out),
+                                     "--source", source])
     stage.main()
-    written = load_face_model(out)
+    written, expected = load_face_model(out), request.getfixturevalue(source)
     for key in written.__dataclass_fields__:
-        a, b = getattr(written, key), getattr(sfm, key)
+        a, b = getattr(written, key), getattr(expected, key)
         assert a == b if isinstance(a, str) else np.array_equal(a, b), key
 
 
