@@ -302,7 +302,6 @@ def ict_face_model(data: dict, albedo_rgb: tuple[float, float, float], area: str
     eyes = [min(loops, key=lambda lp: np.linalg.norm(rows[np.unique(lp), :3].mean(0) - centre))
             for centre in (rows[eye_ids[36:42], :3].mean(0), rows[eye_ids[42:48], :3].mean(0))]
     rows, tris = close_holes(rows, tris, eyes)
-    landmarks = landmark_ids
 
     n = len(rows)
     mean = rows[:, :3]
@@ -315,8 +314,8 @@ def ict_face_model(data: dict, albedo_rgb: tuple[float, float, float], area: str
         mean_shape=mean.astype(np.float32), id_basis=id_basis.astype(np.float32),
         exp_basis=exp_basis.astype(np.float32),
         mean_albedo=np.tile(np.asarray(albedo_rgb, np.float32), (n, 1)),
-        albedo_basis=np.zeros((3 * n, 0), np.float32), triangles=tris, landmarks=landmarks,
-        face_region=skin_region(mean, landmarks), **no_mesh468(),
-        exp_range=np.asarray([0.0, 1.0], np.float32), jaw_candidates=jaw_rows_inside_jawline(mean, landmarks),
+        albedo_basis=np.zeros((3 * n, 0), np.float32), triangles=tris, landmarks=landmark_ids,
+        face_region=skin_region(mean, landmark_ids), **no_mesh468(),
+        exp_range=np.asarray([0.0, 1.0], np.float32), jaw_candidates=jaw_rows_inside_jawline(mean, landmark_ids),
         name=f"ICT Face Model Light ({area})", version=f"ict-light-{area}-100id+{len(names)}exp",
         licence=ICT_LICENCE)
