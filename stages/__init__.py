@@ -81,7 +81,7 @@ PARAM_CHECKS: dict[str, object] = {
     "data.images": _str,
     "face_model.source": _choice("sfm", "bfm", "ict"),
     "face_model.ict_area": _choice("full", "narrow"),
-    "face_model.sfm_albedo_rgb": _list_of(_num(0, 1)), "face_model.sfm_landmarks": _choice("fitted", "ibug_to_sfm"),
+    "face_model.sfm_albedo_rgb": _list_of(_num(0, 1)), "face_model.landmarks": _choice("fitted", "model_file"),
     "crop.detectors": _list_of(_str),  # the names: pipeline.detect.crop.CropSettings (the list grows with detectors)
     "crop.blazeface_min_score": _num(0, 1), "crop.mesh_passes": _POS_INT,
     "crop.multi_face": _choice("largest", "all"),

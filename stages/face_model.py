@@ -23,14 +23,14 @@ def main() -> None:
     if args.source:
         p = {**p, "source": args.source}
     if p["source"] == "sfm":
-        model = convert_sfm(p["sfm_dir"], p["bfm_aux_dir"], tuple(p["sfm_albedo_rgb"]), p["sfm_landmarks"])
+        model = convert_sfm(p["sfm_dir"], p["bfm_aux_dir"], tuple(p["sfm_albedo_rgb"]), p["landmarks"])
     elif p["source"] == "bfm":
         if not p["bfm_mat"] or not p["bfm_exp_bin"]:
             raise SystemExit("face_model.source=bfm needs face_model.bfm_mat (01_MorphableModel.mat) and "
                              "face_model.bfm_exp_bin (Exp_Pca.bin): set them to your licensed copies")
         model = convert_bfm(p["bfm_mat"], p["bfm_exp_bin"], p["bfm_aux_dir"])
     elif p["source"] == "ict":
-        model = convert_ict(p["ict_source"], tuple(p["sfm_albedo_rgb"]), p["ict_area"])
+        model = convert_ict(p["ict_source"], tuple(p["sfm_albedo_rgb"]), p["ict_area"], p["landmarks"])
     else:
         raise SystemExit(f"face_model.source must be 'sfm', 'bfm' or 'ict', got {p['source']!r}")
     model = with_mesh468(model, p["mediapipe_obj"])

@@ -40,7 +40,8 @@ def ict_data():
 
 @pytest.fixture(scope="session")
 def ict(ict_data):
-    """The narrow (default) ICT model as the face_model stage builds it, with the 468-point correspondence."""
+    """The narrow (default) ICT model as the face_model stage builds it (fitted inner landmarks), with the 468-point
+    correspondence."""
     from pipeline.face_model.ict import ict_face_model
     from pipeline.face_model.mediapipe_mesh import with_mesh468
 

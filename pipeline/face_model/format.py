@@ -33,6 +33,9 @@ from pathlib import Path
 import numpy as np
 
 N_LANDMARKS = 68
+# which vertices carry the 68 landmarks (face_model.landmarks): "fitted" = the inner ones (iBUG 17-67) re-chosen
+# on the sample photos against dlib (scripts/derive_landmarks.py), "model_file" = those of the model's own files
+LANDMARK_CHOICES = ("fitted", "model_file")
 N_MESH468 = 468
 MESH468_ARRAYS = ("mesh468_triangle", "mesh468_barycentric", "mesh468_weight")
 BARYCENTRIC_TOL = 1e-5

@@ -23,7 +23,10 @@ the face-area vertices of each OBJ, so nothing is unpacked.
 - Landmarks: the README's Multi-PIE 68 vertices with its alternative jawline for iBUG 0-7 and 9-16 (chosen by
   `jaw_template_residual`: the fixed 3D jaw points against the BFM mean 68-landmark template, mean 16.4 mm off
   against 24.5 mm for the Multi-PIE jaw, which sits too far forward). The silhouette jaw points slide along rows
-  cut at the jawline (jaw_rows_inside_jawline), stored as the model's jaw_candidates.
+  cut at the jawline (jaw_rows_inside_jawline), stored as the model's jaw_candidates. By default
+  (`landmarks="fitted"`) the inner points (iBUG 17-67) are FITTED_INNER_LANDMARKS instead, re-chosen on the sample
+  photos against dlib's predictor (trained on 300-W) as for the SFM (scripts/derive_landmarks.py --model ict);
+  `"model_file"` keeps the README's. The mesh (area, eye holes) is cut at the README's points either way.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .decode import jaw_contour_candidates
-from .format import N_LANDMARKS, FaceModel, FaceModelError, no_mesh468, outward_winding
+from .format import LANDMARK_CHOICES, N_LANDMARKS, FaceModel, FaceModelError, no_mesh468, outward_winding
 from .sfm import similarity_fit, skin_region
 
 ICT_LICENCE = ("ICT-FaceKit (ICT Face Model Light): MIT licence, Copyright (c) 2020 USC Institute for Creative "
@@ -55,6 +58,15 @@ NARROW_BELOW_CHIN_MM = 5.0
 NARROW_ABOVE_BROWS_MM = 60.0
 JAW = list(range(0, 8)) + list(range(9, 17))
 JAW_ROW_TOL_MM = 1.0
+# iBUG 17-67 (0-based) -> read_ict vertex (geometry #0): scripts/derive_landmarks.py --model ict on the 28 sample
+# faces (narrow area, 8 mm search radius): 13 of 51 moved (mean 0.40 mm, max 3.02 mm), inner residual against
+# dlib 1.22 -> 1.10 px RMS, per-landmark bias 0.69 -> 0.46 px
+FITTED_INNER_LANDMARKS = (
+    268, 493, 1914, 2044, 1401, 3615, 4240, 4114, 2734, 2509,  # brows 17-26
+    977, 4527, 4840, 4857, 1140, 2075, 1178, 4269, 3360,       # nose 27-35
+    1507, 1576, 612, 1528, 1518, 1511, 3742, 2853, 3790, 3721, 3725, 3732,  # eyes 36-47
+    5681, 5695, 2081, 0, 4275, 6200, 6186, 6346, 6461, 5518, 5957, 5841,  # outer lips 48-59
+    5615, 5683, 5533, 6188, 6120, 6470, 5517, 5966)            # inner lips 60-67
 
 
 def _vertices(text: str, n: int) -> np.ndarray:
@@ -230,12 +242,16 @@ def close_holes(verts: np.ndarray, tris: np.ndarray, loops: list[np.ndarray]) ->
     return np.concatenate([verts, np.stack(new_rows)]), np.concatenate([tris] + fans)
 
 
-def convert_ict(source: str | Path, albedo_rgb: tuple[float, float, float], area: str = "narrow") -> FaceModel:
+def convert_ict(source: str | Path, albedo_rgb: tuple[float, float, float], area: str = "narrow",
+                landmarks: str = "fitted") -> FaceModel:
     """The ICT face model from `source` (the .tar.xz or a clone); area: 'full' | 'narrow' (module docstring);
-    albedo_rgb: the uniform mean reflectance in [0, 1] (the Light model has no colour model)."""
+    albedo_rgb: the uniform mean reflectance in [0, 1] (the Light model has no colour model); landmarks:
+    'fitted' (inner points FITTED_INNER_LANDMARKS) | 'model_file' (the README's)."""
     if area not in AREAS:  # checked before the archive is read
         raise FaceModelError(f"face_model.ict_area must be one of {AREAS}, got {area!r}")
-    return ict_face_model(read_ict(source), albedo_rgb, area)
+    if landmarks not in LANDMARK_CHOICES:
+        raise FaceModelError(f"face_model.landmarks must be one of {LANDMARK_CHOICES}, got {landmarks!r}")
+    return ict_face_model(read_ict(source), albedo_rgb, area, landmarks)
 
 
 def expression_names(data: dict) -> list[str]:
@@ -243,31 +259,48 @@ def expression_names(data: dict) -> list[str]:
     return [n for n in data["expressions"] if not DROPPED_EXPRESSIONS.match(n)]
 
 
-def ict_face_model(data: dict, albedo_rgb: tuple[float, float, float], area: str) -> FaceModel:
+def face_area(data: dict, area: str) -> tuple[np.ndarray, np.ndarray]:
+    """The mesh of `area` ('full' | 'narrow') in read_ict's vertex ids: (U,) int64 the vertices it keeps, in the
+    model's vertex order (the eye-hole centres follow them), and (F, 3) int64 its triangles. The narrow area is cut
+    at the README's landmarks whatever the landmark choice, so the mesh stays the same."""
+    if area not in AREAS:
+        raise FaceModelError(f"face_model.ict_area must be one of {AREAS}, got {area!r}")
+    tris = _triangulate(data["quads"])
+    if area == "narrow":
+        landmarks = with_alternative_jaw(data["landmarks"], data["jaw_right"], data["jaw_left"])
+        keep = narrow_vertices(data["neutral"] * CM_TO_MM, landmarks)
+        tris = _largest_piece(tris[keep[tris].all(1)], FACE_VERTS)
+    return np.unique(tris), tris
+
+
+def ict_face_model(data: dict, albedo_rgb: tuple[float, float, float], area: str,
+                   landmarks: str = "fitted") -> FaceModel:
     """The face model from read_ict's data (convert_ict's arguments otherwise)."""
     if area not in AREAS:
         raise FaceModelError(f"face_model.ict_area must be one of {AREAS}, got {area!r}")
+    if landmarks not in LANDMARK_CHOICES:
+        raise FaceModelError(f"face_model.landmarks must be one of {LANDMARK_CHOICES}, got {landmarks!r}")
     names = expression_names(data)
     neutral = data["neutral"] * CM_TO_MM
     ids = np.stack([data["shapes"][f"identity{i:03d}"] * CM_TO_MM - neutral for i in range(N_IDENTITY)], -1)
     exps = np.stack([data["shapes"][n] * CM_TO_MM - neutral for n in names], -1)
-    landmarks = with_alternative_jaw(data["landmarks"], data["jaw_right"], data["jaw_left"])
+    readme_landmarks = with_alternative_jaw(data["landmarks"], data["jaw_right"], data["jaw_left"])
+    landmark_ids = readme_landmarks.copy()
+    if landmarks == "fitted":
+        landmark_ids[17:] = FITTED_INNER_LANDMARKS
 
-    tris = _triangulate(data["quads"])
-    if area == "narrow":
-        keep = narrow_vertices(neutral, landmarks)
-        tris = _largest_piece(tris[keep[tris].all(1)], FACE_VERTS)
-    used = np.unique(tris)
-    if not np.isin(landmarks, used).all():
-        raise FaceModelError(f"area {area!r} leaves out landmark vertices {landmarks[~np.isin(landmarks, used)]}")
+    used, tris = face_area(data, area)
+    if not np.isin(landmark_ids, used).all():
+        raise FaceModelError(f"area {area!r} leaves out landmark vertices {landmark_ids[~np.isin(landmark_ids, used)]}")
     remap = np.full(FACE_VERTS, -1, np.int64)
     remap[used] = np.arange(len(used))
-    tris, landmarks = remap[tris], remap[landmarks]
+    tris, landmark_ids, eye_ids = remap[tris], remap[landmark_ids], remap[readme_landmarks]
     rows = np.concatenate([neutral[used], ids[used].reshape(len(used), -1), exps[used].reshape(len(used), -1)], 1)
     # the eye holes: the two loops (other than the outer border and the mouth) whose centre is nearest an eye
+    # (the README's eye points, so that the mesh does not depend on the landmark choice)
     loops = boundary_loops(tris, len(used))
     eyes = [min(loops, key=lambda lp: np.linalg.norm(rows[np.unique(lp), :3].mean(0) - centre))
-            for centre in (rows[landmarks[36:42], :3].mean(0), rows[landmarks[42:48], :3].mean(0))]
+            for centre in (rows[eye_ids[36:42], :3].mean(0), rows[eye_ids[42:48], :3].mean(0))]
     rows, tris = close_holes(rows, tris, eyes)
 
     n = len(rows)
@@ -281,8 +314,8 @@ def ict_face_model(data: dict, albedo_rgb: tuple[float, float, float], area: str
         mean_shape=mean.astype(np.float32), id_basis=id_basis.astype(np.float32),
         exp_basis=exp_basis.astype(np.float32),
         mean_albedo=np.tile(np.asarray(albedo_rgb, np.float32), (n, 1)),
-        albedo_basis=np.zeros((3 * n, 0), np.float32), triangles=tris, landmarks=landmarks,
-        face_region=skin_region(mean, landmarks), **no_mesh468(),
-        exp_range=np.asarray([0.0, 1.0], np.float32), jaw_candidates=jaw_rows_inside_jawline(mean, landmarks),
+        albedo_basis=np.zeros((3 * n, 0), np.float32), triangles=tris, landmarks=landmark_ids,
+        face_region=skin_region(mean, landmark_ids), **no_mesh468(),
+        exp_range=np.asarray([0.0, 1.0], np.float32), jaw_candidates=jaw_rows_inside_jawline(mean, landmark_ids),
         name=f"ICT Face Model Light ({area})", version=f"ict-light-{area}-100id+{len(names)}exp",
         licence=ICT_LICENCE)

@@ -8,7 +8,7 @@ corners (61, 65); `derive_landmarks` fills them in from the BFM mean 68-landmark
 ibug_to_sfm.txt's inner vertices (iBUG 17-67) sit 1-3 mm off where 300-W annotators put those points; by default
 (`landmarks="fitted"`) they are replaced by FITTED_INNER_LANDMARKS, re-chosen on the sample photos against dlib's
 predictor (trained on 300-W), which cuts the model's own landmark error on the held-out annotated photos
-(scripts/derive_sfm_landmarks.py has the method and the numbers).
+(scripts/derive_landmarks.py has the method and the numbers).
 """
 from __future__ import annotations
 
@@ -19,15 +19,14 @@ from pathlib import Path
 import numpy as np
 from scipy.io import loadmat
 
-from .format import N_LANDMARKS, FaceModel, no_mesh468, outward_winding
+from .format import LANDMARK_CHOICES, N_LANDMARKS, FaceModel, no_mesh468, outward_winding
 
 SFM_LICENCE = ("Surrey Face Model: free for non-commercial (research) use only; see the eos project "
                "(github.com/patrikhuber/eos). eos code: Apache-2.0.")
 # Vertices closer than this to an eye, brow or lip landmark are not "skin" for albedo statistics.
 NON_SKIN_RADIUS_MM = 9.0
 NON_SKIN_LANDMARKS = list(range(17, 27)) + list(range(36, 48)) + list(range(48, 68))
-LANDMARK_CHOICES = ("fitted", "ibug_to_sfm")
-# iBUG 17-67 (0-based) -> SFM vertex: scripts/derive_sfm_landmarks.py on the 28 sample faces (8 mm search radius)
+# iBUG 17-67 (0-based) -> SFM vertex: scripts/derive_landmarks.py --model sfm on the 28 sample faces (8 mm search radius)
 FITTED_INNER_LANDMARKS = (
     1291, 229, 233, 2086, 157, 590, 2091, 666, 662, 1292,  # brows 17-26
     438, 379, 272, 114, 100, 2794, 270, 2797, 537,         # nose 27-35
@@ -96,7 +95,7 @@ def convert_sfm(sfm_dir: str | Path, bfm_aux_dir: str | Path, albedo_rgb: tuple[
                 landmarks: str = "fitted") -> FaceModel:
     """Read sfm_shape_3448.bin, expression_blendshapes_3448.bin, ibug_to_sfm.txt, sfm_model_contours.json from
     `sfm_dir` and the 68-landmark template from `bfm_aux_dir`; albedo_rgb: uniform reflectance in [0, 1];
-    landmarks: "fitted" (inner points FITTED_INNER_LANDMARKS) or "ibug_to_sfm" (the file's vertices)."""
+    landmarks: "fitted" (inner points FITTED_INNER_LANDMARKS) or "model_file" (ibug_to_sfm.txt's vertices)."""
     if landmarks not in LANDMARK_CHOICES:
         raise ValueError(f"SFM landmarks must be one of {LANDMARK_CHOICES}, got {landmarks!r}")
     import eos  # the cereal .bin format is eos's own; eos-py is the reference reader
