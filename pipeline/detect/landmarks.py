@@ -4,12 +4,13 @@ Two sources: dlib's shape predictor fitted on the upright, normalised crop, and 
 crop stage mapped to the 68 points (mesh68). `LandmarkSettings.source` chooses: "dlib", "mesh", or "fused"
 (default): dlib's points, which are the more precise on near-frontal photos, unless they disagree with the mesh's
 by more than `fuse_max_disagreement` (NME), as they do when dlib's predictor fails on a turned or occluded face
-(20-30 % NME), or the mesh says the head is turned further than `profile_yaw_deg` (mediapipe.mesh_yaw_deg), where
-dlib's predictor, trained on near-frontal faces, fails even when the two still agree; then the mesh's points. dlib's predictor is seeded by the detection box mapped
-into the crop for dlib's own detections; for others by the box of dlib's HOG detector run on the crop itself (the
-predictor was trained on such boxes: BlazeFace's are framed differently, and a fixed box misplaces turned faces),
-or DLIB_BOX_CROP_PX, where HOG boxes land on aligned crops, when HOG finds no face there. A chosen set whose 5 alignment points land far from the template reveals a false or badly
-fitted detection, and the face is rejected.
+(20-30 % NME), or the mesh says the head is turned further than `profile_yaw_deg` (mediapipe.mesh_yaw_deg),
+where dlib's predictor, trained on near-frontal faces, fails even when the two still agree; then the mesh's
+points. dlib's predictor is seeded by the detection box mapped into the crop for dlib's own detections; for others
+by the box of dlib's HOG detector run on the crop itself (the predictor was trained on such boxes: BlazeFace's are
+framed differently, and a fixed box misplaces turned faces), or DLIB_BOX_CROP_PX, where HOG boxes land on aligned
+crops, when HOG finds no face there. A chosen set whose 5 alignment points land far from the template reveals a
+false or badly fitted detection, and the face is rejected.
 """
 from __future__ import annotations
 

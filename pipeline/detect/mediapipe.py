@@ -37,7 +37,7 @@ def mesh_yaw_deg(mesh_px: np.ndarray) -> float:
     image plane, atan2(dz, dx). mesh_px: (468, 3) px, z away from the camera (MediaPipe's axes). Its sign is the
     fitted pose's (yaw_deg of the reconstruction); on the synthetic benchmark it agrees with the yaw of the
     similarity fitted to all 468 points (pipeline.reconstruct.fit.pose_from_mesh) within 2 deg, and like it reads
-    ~0.7x the true yaw beyond 40 deg (MediaPipe's depth is flatter than a head)."""
+    ~0.7x the true yaw beyond 40 deg there."""
     mesh = np.asarray(mesh_px, np.float64)
     if mesh.shape != (N_MESH, 3):
         raise ValueError(f"mesh_px: expected ({N_MESH}, 3), got {mesh.shape}")
