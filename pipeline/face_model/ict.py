@@ -275,11 +275,10 @@ def face_area(data: dict, area: str) -> tuple[np.ndarray, np.ndarray]:
 
 def ict_face_model(data: dict, albedo_rgb: tuple[float, float, float], area: str,
                    landmarks: str = "fitted") -> FaceModel:
-    """The face model from read_ict's data (convert_ict's arguments otherwise)."""
-    if area not in AREAS:
-        raise FaceModelError(f"face_model.ict_area must be one of {AREAS}, got {area!r}")
+    """The face model from read_ict's data (convert_ict's arguments otherwise; face_area checks `area`)."""
     if landmarks not in LANDMARK_CHOICES:
         raise FaceModelError(f"face_model.landmarks must be one of {LANDMARK_CHOICES}, got {landmarks!r}")
+    used, tris = face_area(data, area)
     names = expression_names(data)
     neutral = data["neutral"] * CM_TO_MM
     ids = np.stack([data["shapes"][f"identity{i:03d}"] * CM_TO_MM - neutral for i in range(N_IDENTITY)], -1)
@@ -288,10 +287,9 @@ def ict_face_model(data: dict, albedo_rgb: tuple[float, float, float], area: str
     landmark_ids = readme_landmarks.copy()
     if landmarks == "fitted":
         landmark_ids[17:] = FITTED_INNER_LANDMARKS
-
-    used, tris = face_area(data, area)
     if not np.isin(landmark_ids, used).all():
-        raise FaceModelError(f"area {area!r} leaves out landmark vertices {landmark_ids[~np.isin(landmark_ids, used)]}")
+        missing = landmark_ids[~np.isin(landmark_ids, used)]
+        raise FaceModelError(f"area {area!r} leaves out landmark vertices {missing}")
     remap = np.full(FACE_VERTS, -1, np.int64)
     remap[used] = np.arange(len(used))
     tris, landmark_ids, eye_ids = remap[tris], remap[landmark_ids], remap[readme_landmarks]
