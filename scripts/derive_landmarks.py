@@ -2,26 +2,31 @@
 
 The model files' own landmark vertices (SFM: ibug_to_sfm.txt; ICT: the README's Multi-PIE list) sit 1-3 px (crop
 px, ~1 px per mm) off where iBUG/300-W annotators, and dlib's predictor trained on them, put the brow, eye, nose
-and mouth points: fitted to dlib's points, the model's residual is mostly such a per-landmark bias (SFM: 1.56 of
-1.94 px RMS on the 28 sample faces). This re-chooses each inner landmark's vertex so that the model's projection
-agrees with dlib's points on average, alternating with refits:
-1. fit pose, identity and expression of every sample face to dlib's 68 points (the landmark stage, a weak prior;
-   ICT's expression weights stay in [0, 1], as fit_to_landmarks keeps them);
+and mouth points. This re-chooses each inner landmark's vertex so that the landmarks the pipeline outputs agree
+with dlib's points on average, alternating with refits:
+1. reconstruct every sample face with the reconstruct stage's own per-image fit (params.yaml reconstruct: the
+   landmark stage, then the full hybrid loss with its photometric term; on the shards' crops, masks and input
+   landmarks), with the built model given by --face-model (its colour model) and the current landmark vertices.
+   The full fit matters: the landmark stage alone, with uniform point weights, left the vertices unbiased for
+   that fit, but the pipeline's output, fitted with Deep3DFaceRecon's nose and mouth weights and the photometric
+   term, still sat 1.9 px RMS (per-landmark bias) off dlib's points on these faces, the nose base ~2.3 % of the
+   face box too low;
 2. for each inner landmark, among the vertices within --radius-mm of its model-file vertex (mean shape), take
-   the one whose projection is closest to dlib's point on average over the faces (mean squared px), left-right
-   symmetric: a mirrored pair of landmarks takes a vertex and its mirror image, scored together, and a landmark
-   on the midline (nose, lip centres) a vertex within MIDLINE_MM of it, so that the sample faces' poses cannot
-   make the model's landmark layout lopsided;
+   the one whose projection in those fits is closest to dlib's point on average over the faces (mean squared
+   px), left-right symmetric: a mirrored pair of landmarks takes a vertex and its mirror image, scored together,
+   and a landmark on the midline (nose, lip centres) a vertex within MIDLINE_MM of it, so that the sample
+   faces' poses cannot make the model's landmark layout lopsided;
 3. repeat from 1 with the new vertices (--iterations).
 The jaw (0-16) keeps its contour vertices: in the 2D convention it slides to the silhouette anyway.
-The photos used are the pipeline's own sample faces (data/shards, dlib_landmarks), never the annotated photos the
-evaluation scores: those stay held out. The model is built as the face_model stage builds it (params.yaml's
-face_model paths; ICT: face_model.ict_area) but with the model file's landmarks as the start. Prints the table
-for FITTED_INNER_LANDMARKS in pipeline/face_model/sfm.py (--model sfm) or ict.py (--model ict; ICT ids are
-read_ict's, geometry #0, so the table holds for either area).
+The photos used are the pipeline's own sample faces (data/shards), never the annotated photos the evaluation
+scores: those stay held out. The fit's model is --face-model (its geometry must be the model files' as the
+face_model stage converts them, params.yaml's face_model paths; ICT: face_model.ict_area) with the model
+file's landmarks as the start. Prints the table for FITTED_INNER_LANDMARKS in pipeline/face_model/sfm.py
+(--model sfm) or ict.py (--model ict; ICT ids are read_ict's, geometry #0, so the table holds for either area).
 
-Usage (repo root, after `dvc repro pack`; PYTHONPATH=. so that this tree's pipeline is imported):
-    PYTHONPATH=. python scripts/derive_landmarks.py --model sfm|ict
+Usage (repo root, after `dvc repro albedo`; PYTHONPATH=. so that this tree's pipeline is imported):
+    PYTHONPATH=. python scripts/derive_landmarks.py --model sfm [--face-model models/face_model_albedo.npz]
+    PYTHONPATH=. python scripts/derive_landmarks.py --model ict --face-model models/face_model_ict.npz
 Measured when derived: see FITTED_INNER_LANDMARKS in pipeline/face_model/sfm.py and ict.py.
 """
 from __future__ import annotations
@@ -35,10 +40,13 @@ import pandas as pd
 import torch
 from scipy.spatial import cKDTree
 
-from pipeline.face_model import FaceDecoder, FaceModel
+from pipeline.face_model import FaceDecoder, FaceModel, load_face_model
 from pipeline.face_model.ict import face_area, ict_face_model, read_ict
 from pipeline.face_model.sfm import convert_sfm
-from pipeline.reconstruct.fit import fit_to_landmarks
+from pipeline.losses import landmark_weights
+from pipeline.reconstruct.fit import FitSettings
+from pipeline.reconstruct.parts import coefficient_vectors
+from pipeline.reconstruct.stream import reconstruct_faces
 from pipeline.train import IBUG_FLIP
 from stages import read_params
 
@@ -53,11 +61,22 @@ def mirror_vertices(mean_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mirror.astype(np.int64), dist
 
 
-def dlib_points(shards: str) -> torch.Tensor:
-    """(N, 68, 2) float32 crop px: dlib's landmarks of every shard face where dlib ran."""
-    table = pd.concat([pd.read_parquet(f, columns=["dlib_landmarks"]) for f in sorted(glob.glob(f"{shards}/*.parquet"))])
-    points = np.stack(table["dlib_landmarks"].to_numpy()).astype(np.float32).reshape(-1, 68, 2)
-    return torch.from_numpy(points[np.isfinite(points).all(axis=(1, 2))])
+def sample_faces(shards: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """The shard rows of every face where dlib ran, and (N, 68, 2) float64 crop px their dlib landmarks."""
+    table = pd.concat([pd.read_parquet(f) for f in sorted(glob.glob(f"{shards}/*.parquet"))], ignore_index=True)
+    points = np.stack(table["dlib_landmarks"].to_numpy()).astype(np.float64).reshape(-1, 68, 2)
+    found = np.isfinite(points).all(axis=(1, 2))
+    return table[found].reset_index(drop=True), points[found]
+
+
+def fitted_vertices_px(model: FaceModel, faces: pd.DataFrame, fit: FitSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Reconstruct `faces` with the reconstruct stage's fit: (N, V, 2) float64 every vertex's projection and
+    (N, 68, 2) float64 the output landmarks (lmk_crop_px), crop px."""
+    decoder = FaceDecoder(model)
+    rows = pd.DataFrame(reconstruct_faces(decoder, faces, "fit", fit, landmark_weights()))
+    with torch.no_grad():
+        verts_px = decoder(torch.from_numpy(coefficient_vectors(rows, decoder.layout))).verts_px[..., :2]
+    return verts_px.numpy().astype(np.float64), np.stack(rows["lmk_crop_px"].to_numpy()).reshape(-1, 68, 2)
 
 
 def start_model(name: str, p: dict) -> tuple[FaceModel, np.ndarray]:
@@ -76,14 +95,24 @@ def start_model(name: str, p: dict) -> tuple[FaceModel, np.ndarray]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=("sfm", "ict"), required=True)
-    ap.add_argument("--params", default="params.yaml", help="face_model's paths (and ict_area) are read from it")
+    ap.add_argument("--params", default="params.yaml",
+                    help="face_model's paths (and ict_area) and the reconstruct fit's settings are read from it")
+    ap.add_argument("--face-model", default="models/face_model_albedo.npz",
+                    help="the built model the fit uses (its colour model; its landmarks are replaced)")
     ap.add_argument("--shards", default="data/shards")
     ap.add_argument("--radius-mm", type=float, default=8.0)
-    ap.add_argument("--iterations", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--iterations", type=int, default=2)
     args = ap.parse_args()
     torch.manual_seed(0)
-    model, table_ids = start_model(args.model, read_params(args.params, "face_model")["face_model"])
+    params = read_params(args.params, "face_model", "reconstruct")
+    start_model_file, table_ids = start_model(args.model, params["face_model"])
+    model = load_face_model(args.face_model)
+    if model.mean_shape.shape != start_model_file.mean_shape.shape or not np.allclose(
+            model.mean_shape, start_model_file.mean_shape, atol=1.0e-3):
+        raise SystemExit(f"{args.face_model}: its mean shape is not the {args.model} model files' as converted "
+                         "(rebuild it: dvc repro albedo)")
+    model = replace(model, landmarks=start_model_file.landmarks)
+    fit = FitSettings.from_params(params["reconstruct"])
     n_cand = len(table_ids)
     mean = model.mean_shape.astype(np.float64)
     start = model.landmarks.copy()
@@ -93,14 +122,11 @@ def main() -> None:
           f"{args.radius_mm:g} mm of an inner landmark mean {mirror_mm[near_lmk].mean():.3f} mm, "
           f"max {mirror_mm[near_lmk].max():.3f} mm")
     landmarks = start.copy()
-    target = dlib_points(args.shards)
+    faces, target = sample_faces(args.shards)
     for iteration in range(args.iterations + 1):
-        decoder = FaceDecoder(replace(model, landmarks=landmarks))
-        coeffs = fit_to_landmarks(decoder, decoder.layout.zeros(len(target), torch.device("cpu")), target,
-                                  torch.ones(68), args.steps, 5.0e-2, landmark_weight=1.0, coefficient_weight=1.0e-3)
-        with torch.no_grad():
-            verts_px = decoder(coeffs).verts_px[:, :n_cand, :2].numpy()
-            residual = decoder.landmark_px(decoder.layout.split(coeffs)).numpy() - target.numpy()
+        verts_px, lmk_px = fitted_vertices_px(replace(model, landmarks=landmarks), faces, fit)
+        verts_px = verts_px[:, :n_cand]
+        residual = lmk_px - target
         rms = np.sqrt((residual[:, 17:] ** 2).sum(-1).mean())
         bias = np.sqrt((residual[:, 17:].mean(0) ** 2).sum(-1).mean())
         print(f"iteration {iteration}: {len(target)} faces, inner residual RMS {rms:.2f} px, bias {bias:.2f} px")
@@ -113,8 +139,8 @@ def main() -> None:
             near = np.flatnonzero(np.linalg.norm(mean[:n_cand] - mean[start[k]], axis=1) < args.radius_mm)
             if pair == k:
                 near = near[np.abs(mean[near, 0]) < MIDLINE_MM]
-            error = ((verts_px[:, near] - target.numpy()[:, None, k]) ** 2).sum(-1).mean(0)
-            error = error + ((verts_px[:, mirror[near]] - target.numpy()[:, None, pair]) ** 2).sum(-1).mean(0)
+            error = ((verts_px[:, near] - target[:, None, k]) ** 2).sum(-1).mean(0)
+            error = error + ((verts_px[:, mirror[near]] - target[:, None, pair]) ** 2).sum(-1).mean(0)
             landmarks[k] = near[np.argmin(error)]
             landmarks[pair] = mirror[landmarks[k]]
     moved = np.linalg.norm(mean[landmarks[17:]] - mean[start[17:]], axis=1)

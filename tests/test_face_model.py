@@ -580,8 +580,10 @@ def test_fitted_inner_landmarks_move_only_inner_points_nearby(landmark_choices):
 def test_fitted_inner_landmarks_reach_held_out_annotations_closer(landmark_choices):
     """The model's own landmarks fitted to the annotated photos' ground truth (held out: the tables were derived on
     the sample photos against dlib): the fitted vertices get closer than the files' on average. SFM: on every
-    photo (measured inner NME 1.64 -> 1.35 % on the four, each photo 0.22-0.41 lower). ICT, whose README vertices
-    were closer to start with: on average and on 3 of the 4 (measured 1.14 -> 1.11 %; einstein 1.20 -> 1.24)."""
+    photo (measured inner NME 1.64 -> 1.30 % on the four, each photo 0.26-0.48 lower). ICT, whose README vertices
+    were closer to start with: on average, no photo more than 0.1 points worse (measured 1.14 -> 1.10 %; two
+    photos lower, takeo level, breakingbad 1.56 -> 1.57). The tables are chosen for the pipeline's fit, not this
+    bare landmark fit: the next test scores that."""
     name, fitted, file = landmark_choices
     notes = find_annotations(ANNOTATED, ANNOTATED)
     assert len(notes) >= 4
@@ -600,5 +602,48 @@ def test_fitted_inner_landmarks_reach_held_out_annotations_closer(landmark_choic
         assert np.all(nme["fitted"] < nme["file"] - 0.001), nme
         assert nme["fitted"].mean() < 0.9 * nme["file"].mean(), nme
     else:
-        assert (nme["fitted"] < nme["file"]).sum() >= 3, nme
+        assert np.all(nme["fitted"] < nme["file"] + 0.001), nme
         assert nme["fitted"].mean() < 0.99 * nme["file"].mean(), nme
+
+
+@pytest.fixture(scope="module")
+def annotated_faces():
+    """The annotated photos preprocessed as the pipeline does (params.yaml's crop, landmarks and masks), and their
+    annotations."""
+    import yaml
+    from pipeline.detect import CropSettings, LandmarkSettings, preprocess_photos
+    from pipeline.segment import MaskSettings
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    for section in ("crop", "landmarks", "masks"):  # ../shared paths are relative to the repository root
+        params[section] = {k: str((REPO_ROOT / v).resolve()) if isinstance(v, str) and v.startswith("../") else v
+                           for k, v in params[section].items()}
+    notes = find_annotations(ANNOTATED, ANNOTATED)
+    faces, _ = preprocess_photos(sorted(notes), CropSettings(**params["crop"]), LandmarkSettings(**params["landmarks"]),
+                                 MaskSettings(**params["masks"]), workers=2, root=ANNOTATED)
+    return faces, notes, params["reconstruct"]
+
+
+def test_fitted_inner_landmarks_bring_the_pipelines_fit_closer_to_held_out_annotations(landmark_choices,
+                                                                                       annotated_faces):
+    """What the tables were derived for (scripts/derive_landmarks.py): the landmarks the reconstruct stage's fit
+    outputs, scored on the held-out annotated photos, get closer to the ground truth with the fitted vertices.
+    Both models as converted (uniform albedo, as model_comparison fits them), 50 full-loss steps. Measured inner
+    NME, file's -> fitted: SFM 2.90 -> 2.60 %, ICT 2.84 -> 2.56 %, each lower on 3 of the 4 photos. Einstein's is
+    not: SFM 3.57 -> 3.72, ICT 3.49 -> 3.54 %, and its fit is the least stable of the four (with the SFM's fitted
+    vertices measured from 3.2 to 3.7 % as the steps or the preprocessing run change)."""
+    from pipeline.evaluate.benchmark import annotated_scores
+    from pipeline.losses import landmark_weights
+    from pipeline.reconstruct.fit import FitSettings
+    from pipeline.reconstruct.stream import reconstruct_faces
+    import pandas as pd
+    name, fitted, file = landmark_choices
+    faces, notes, reconstruct = annotated_faces
+    fit = FitSettings.from_params({**reconstruct, "full_steps": 50})
+    nme = {}
+    for choice, model in [("fitted", fitted), ("file", file)]:
+        rows = pd.DataFrame(reconstruct_faces(FaceDecoder(model), faces, "fit", fit, landmark_weights()))
+        scores = annotated_scores(rows, notes).set_index("image").sort_index()
+        assert scores["detected"].all() and len(scores) == len(notes), scores
+        nme[choice] = scores["nme_inner"].to_numpy()
+    assert (nme["fitted"] < nme["file"]).sum() >= len(notes) - 1, nme
+    assert nme["fitted"].mean() < 0.95 * nme["file"].mean(), nme

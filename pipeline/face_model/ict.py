@@ -58,15 +58,16 @@ NARROW_BELOW_CHIN_MM = 5.0
 NARROW_ABOVE_BROWS_MM = 60.0
 JAW = list(range(0, 8)) + list(range(9, 17))
 JAW_ROW_TOL_MM = 1.0
-# iBUG 17-67 (0-based) -> read_ict vertex (geometry #0): scripts/derive_landmarks.py --model ict on the 28 sample
-# faces (narrow area, 8 mm search radius): 13 of 51 moved (mean 0.40 mm, max 3.02 mm), inner residual against
-# dlib 1.22 -> 1.10 px RMS, per-landmark bias 0.69 -> 0.46 px
+# iBUG 17-67 (0-based) -> read_ict vertex (geometry #0): scripts/derive_landmarks.py --model ict --face-model
+# models/face_model_ict.npz on the 28 sample faces (narrow area, 8 mm search radius, under the reconstruct stage's
+# fit): 44 of 51 moved (mean 2.99 mm, max 7.40 mm); the output landmarks' inner residual against dlib 4.41 -> 3.21
+# px RMS, per-landmark bias 3.03 -> 0.87 px
 FITTED_INNER_LANDMARKS = (
-    268, 493, 1914, 2044, 1401, 3615, 4240, 4114, 2734, 2509,  # brows 17-26
-    977, 4527, 4840, 4857, 1140, 2075, 1178, 4269, 3360,       # nose 27-35
-    1507, 1576, 612, 1528, 1518, 1511, 3742, 2853, 3790, 3721, 3725, 3732,  # eyes 36-47
-    5681, 5695, 2081, 0, 4275, 6200, 6186, 6346, 6461, 5518, 5957, 5841,  # outer lips 48-59
-    5615, 5683, 5533, 6188, 6120, 6470, 5517, 5966)            # inner lips 60-67
+    249, 1010, 1032, 2037, 2028, 4225, 4233, 3252, 3230, 2490,  # brows 17-26
+    978, 4527, 4942, 4857, 4583, 2088, 4558, 4282, 5048,       # nose 27-35
+    2244, 1576, 1536, 2237, 1558, 1552, 4428, 3750, 3790, 4435, 3766, 3772,  # eyes 36-47
+    519, 143, 2082, 0, 4276, 2384, 2760, 6346, 6479, 5520, 5975, 5841,  # outer lips 48-59
+    5918, 5710, 5522, 6215, 6423, 6483, 5516, 5979)            # inner lips 60-67
 
 
 def _vertices(text: str, n: int) -> np.ndarray:
