@@ -123,6 +123,7 @@ PARAM_CHECKS: dict[str, object] = {
     "model_comparison.yaw_max_deg": _num(0, 90), "model_comparison.full_steps": _STEPS,
     "face_model.ict_source": _str,
     "synth.count": _POS_INT, "synth.seed": _int(0), "synth.face_model": _str, "synth.backgrounds": _str,
+    "evaluate.sfm_model": _str,
     "evaluate.alignment": _choice("rigid", "similarity"), "evaluate.eos_iterations": _int(0),
     "evaluate.eos_lambda_identity": _num(0), "evaluate.eos_lambda_expressions": _num(0),
     "bench.size_px": _POS_INT, "bench.batch": _POS_INT, "bench.reconstruct_batches": _POS_INT,

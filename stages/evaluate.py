@@ -2,10 +2,13 @@
 
 - Synthetic benchmark: data/synth/truth.parquet vs the `reconstruct_synth` output (the full path: detection,
   alignment, fitting). eos fits the dlib landmarks that reconstruction recorded (`dlib_lmk_px`; the fit's own
-  `input_lmk_px` on a face dlib did not run on), so both methods see the same detections. Vertex errors: per
-  face, the mean (and median) distance over the face region after a Procrustes alignment (evaluate.alignment),
-  then the mean over faces; also per |yaw| bin (synthetic_by_yaw: faces, detected, NMEs, vertex errors), and
-  the count of faces whose landmark NME exceeds 10% (all, and up to 75 deg of yaw).
+  `input_lmk_px` on a face dlib did not run on), so both methods see the same detections; its SFM landmark
+  vertices, triangles and face region come from evaluate.sfm_model, whatever face_model.source. Vertex errors:
+  per face, the mean (and median) distance over the face region after a Procrustes alignment
+  (evaluate.alignment), then the mean over faces; eos's only when the synthetic faces were drawn by the SFM (its
+  topology). Surface errors (ours and eos's, any topology): model_comparison.surface_errors. Also per |yaw| bin
+  (synthetic_by_yaw: faces, detected, NMEs, vertex errors), and the count of faces whose landmark NME exceeds 10%
+  (all, and up to 75 deg of yaw).
 - Annotated photos (evaluate.annotations, .pts/.mat): the annotated face is the reconstruction that overlaps
   its ground-truth box most (IoU, at least benchmark.MIN_FACE_IOU; else it counts in landmark_nme_missed).
   Landmark NME (all 68 points, and the inner 51) of ours in the annotation's convention (.pts: lmk_px, jaw on
@@ -16,9 +19,9 @@
 - Real photos: masked PSNR, the mean of the `reconstruct` stage's per-face values.
 - model_comparison: the `model_comparison` stage's report (SFM vs ICT on the same faces), copied in whole.
 
-Direction of the ratios: vertex_error_vs_eos = ours / eos (< 1: we are more accurate); fit_speed_vs_eos =
-our reconstruction s/face over eos's s/face (< 1: we are faster). Our time is the reconstruct stage's own
-wall time per face (fitting + output files, preprocessing excluded); eos's is its fit alone.
+Direction of the ratios: vertex_error_vs_eos, surface_error_vs_eos = ours / eos (< 1: we are more accurate);
+fit_speed_vs_eos = our reconstruction s/face over eos's s/face (< 1: we are faster). Our time is the reconstruct
+stage's own wall time per face (fitting + output files, preprocessing excluded); eos's is its fit alone.
 Per-face numbers go to reports/evaluate_faces.csv.
 """
 from __future__ import annotations
@@ -32,11 +35,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline.evaluate.annotations import find_annotations
-from pipeline.evaluate.benchmark import (add_peer_scores, annotated_metrics, annotated_scores, landmark_column,
-                                         synthetic_metrics, synthetic_scores)
+from pipeline.evaluate.benchmark import (add_peer_scores, add_surface_scores, annotated_metrics, annotated_scores,
+                                         landmark_column, synthetic_metrics, synthetic_scores)
 from pipeline.evaluate.eos_baseline import SFM_VERTS, EosFitter
 from pipeline.evaluate.landmark_floor import model_landmark_floor
-from pipeline.face_model import FaceDecoder, load_face_model
+from pipeline.face_model import FaceDecoder, FaceModel, load_face_model
 from pipeline.host_memory import keep_freed_memory
 from pipeline.reconstruct.parts import meshes_from_coefficients, read_reconstructions
 from stages import read_params
@@ -48,14 +51,14 @@ def seconds_per_face(summary_path: Path) -> float | None:
     return summary["seconds"] / summary["faces"] if summary.get("faces") else None
 
 
-def synthetic_reconstructions(folder: Path) -> pd.DataFrame:
-    """The reconstruct_synth table with verts_model ((V*3,) float32 mm per face): stored when
-    reconstruct.write_vertices was on, else decoded from the coefficients with the face model the run used."""
+def synthetic_reconstructions(folder: Path) -> tuple[pd.DataFrame, FaceModel]:
+    """The reconstruct_synth table with verts_model ((V*3,) float32 mm per face: stored when
+    reconstruct.write_vertices was on, else decoded from the coefficients), and the face model the run used."""
     recon = read_reconstructions(folder)
+    model = load_face_model(json.loads((folder / "summary.json").read_text())["face_model"])
     if "verts_model" not in recon.columns:
-        decoder = FaceDecoder(load_face_model(json.loads((folder / "summary.json").read_text())["face_model"]))
-        recon["verts_model"] = list(meshes_from_coefficients(decoder, recon).reshape(len(recon), -1))
-    return recon
+        recon["verts_model"] = list(meshes_from_coefficients(FaceDecoder(model), recon).reshape(len(recon), -1))
+    return recon, model
 
 
 def run_eos(scores: pd.DataFrame, truth: pd.DataFrame, recon: pd.DataFrame, fitter: EosFitter) -> tuple:
@@ -86,18 +89,21 @@ def main(argv=None) -> None:
     keep_freed_memory()
     params = read_params(args.params, "evaluate", "synth.face_model", "reconstruct.out")
     p = params["evaluate"]
-    model = load_face_model(params["synth"]["face_model"])
+    model = load_face_model(params["synth"]["face_model"])  # drew the synthetic faces
+    sfm = load_face_model(p["sfm_model"])
+    if sfm.n_verts != SFM_VERTS:
+        raise SystemExit(f"evaluate.sfm_model: {p['sfm_model']} has {sfm.n_verts} vertices, not the SFM's "
+                         f"{SFM_VERTS} that eos fits (the face_model_sfm stage writes it)")
 
     truth = pd.read_parquet(args.synth / "truth.parquet")
-    recon = synthetic_reconstructions(args.synth / "reconstructions")
+    recon, fitted_with = synthetic_reconstructions(args.synth / "reconstructions")
     scores = synthetic_scores(truth, recon, model.mean_shape, model.face_region, p["alignment"])
-    if model.n_verts == SFM_VERTS and len(scores):
-        fitter = EosFitter(p["sfm_dir"], model.landmarks, p["eos_iterations"], p["eos_lambda_identity"],
+    if len(scores):
+        fitter = EosFitter(p["sfm_dir"], sfm.landmarks, p["eos_iterations"], p["eos_lambda_identity"],
                            p["eos_lambda_expressions"])
         verts, lmk, seconds = run_eos(scores, truth, recon, fitter)
         scores = add_peer_scores(scores, truth, verts, lmk, seconds, model.face_region, p["alignment"])
-    else:  # eos fits the SFM 3448; another model's meshes have no vertex correspondence with it
-        print(f"eos peer skipped: face model has {model.n_verts} vertices, eos fits the SFM {SFM_VERTS}")
+        scores = add_surface_scores(scores, truth, recon, model, fitted_with, verts, sfm)
     metrics = synthetic_metrics(scores, truth["yaw_deg"].to_numpy(np.float64),
                                 seconds_per_face(args.synth / "reconstructions" / "summary.json"))
 

@@ -61,6 +61,19 @@ def synthetic_cell(truth: pd.DataFrame, recon: pd.DataFrame, drawer: FaceModel, 
     return set_summary(landmark_column(rows, "lmk_px"), stack_column(found["lmk_px"], (68, 2)), surface, len(truth))
 
 
+def check_distinct(models: dict[str, FaceModel]) -> None:
+    """Refuse two entries of model_comparison.models holding the same model (by FaceModel.name): pointing `sfm` at
+    models/face_model.npz, which holds face_model.source's model, compared ICT with itself under `source: ict`."""
+    by_name: dict[str, list[str]] = {}
+    for key, model in models.items():
+        by_name.setdefault(model.name, []).append(key)
+    same = {name: keys for name, keys in by_name.items() if len(keys) > 1}
+    if same:
+        raise SystemExit("model_comparison.models: " + "; ".join(f"{', '.join(keys)} are all {name!r}"
+                                                                  for name, keys in same.items())
+                         + ": each entry must be a different model")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m stages.model_comparison", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,6 +88,7 @@ def main(argv=None) -> None:
     prep = dict(crop=CropSettings(**params["crop"]), landmarks=LandmarkSettings(**params["landmarks"]),
                 masks=MaskSettings(**params["masks"]), workers=params["workers"])
     models = {name: load_face_model(path) for name, path in p["models"].items()}
+    check_distinct(models)
     start = time.perf_counter()
 
     annotations = find_annotations(e["annotated_images"], e["annotations"])

@@ -18,8 +18,8 @@ from scipy.spatial.transform import Rotation
 
 from pipeline.evaluate.annotations import (IMAGE_SUFFIXES, Annotation, find_annotations, read_aflw2000_mat,
                                            read_annotation, read_pts)
-from pipeline.evaluate.benchmark import (MIN_FACE_IOU, annotated_metrics, annotated_scores, synthetic_metrics,
-                                         synthetic_scores)
+from pipeline.evaluate.benchmark import (MIN_FACE_IOU, add_peer_scores, add_surface_scores, annotated_metrics,
+                                         annotated_scores, synthetic_metrics, synthetic_scores)
 from pipeline.evaluate.eos_baseline import EosFit, EosFitter
 from pipeline.evaluate.metrics import (INNER_POINTS, aligned_vertex_error, landmark_nme, masked_psnr,
                                        region_error_stats, weighted_procrustes)
@@ -404,6 +404,33 @@ def test_synthetic_scores_pick_the_matching_face_and_count_misses(sfm):
         "vertex_error_mm_eos": None})
 
 
+def test_eos_on_faces_another_model_drew_is_scored_by_its_surface(sfm, ict):
+    """Faces drawn by ICT, ours an exact ICT mesh rigidly moved, the peer's an SFM mesh (eos's topology): the peer
+    has no vertex error against ICT's vertices (NaN, None in the metrics) but a landmark NME, a speed and a surface
+    error, so fit_speed_vs_eos and surface_error_vs_eos are reported under face_model.source: ict too."""
+    truth, recon, _, lmk = truth_and_reconstructions(ict)
+    scores = synthetic_scores(truth, recon, ict.mean_shape, ict.face_region, "rigid")
+    assert list(scores["file"]) == ["synth_0000.png"]
+    rot, t = random_rigid(3)
+    peer_verts = (sfm.mean_shape @ rot.T + t)[None]
+    peer_lmk = lmk[:1] + [0.0, 3.0]
+    scores = add_peer_scores(scores, truth, peer_verts, peer_lmk, np.array([0.25]), ict.face_region, "rigid")
+    assert np.isnan(scores["err_eos_mm"]).all() and np.isnan(scores["err_eos_median_mm"]).all()
+    assert scores["nme_eos"].iloc[0] == pytest.approx(box_nme(lmk[0], 3.0), rel=1e-5)
+    scores = add_surface_scores(scores, truth, recon, ict, ict, peer_verts, sfm)
+    assert scores["surface_mm"].iloc[0] < 1e-4                 # our mesh is the truth, moved
+    assert 0.5 < scores["surface_eos_mm"].iloc[0] < 10.0       # the SFM mean face is another face
+    with pytest.raises(ValueError, match="peer_verts_mm"):     # the peer's meshes must be of the peer model
+        add_surface_scores(scores, truth, recon, ict, ict, peer_verts[:, :100], sfm)
+    m = synthetic_metrics(scores, truth["yaw_deg"].to_numpy(), our_seconds_per_face=2.0)
+    assert m["synthetic_vertex_error_mm_eos"] is None and m["vertex_error_vs_eos"] is None
+    assert m["synthetic_vertex_error_mm"] < 1e-4 and m["fit_speed_vs_eos"] == pytest.approx(8.0)
+    assert m["synthetic_landmark_nme_eos"] == pytest.approx(scores["nme_eos"].iloc[0])
+    assert m["surface_error_vs_eos"] == pytest.approx(m["synthetic_surface_error_mm"] /
+                                                      m["synthetic_surface_error_mm_eos"])
+    assert m["synthetic_surface_error_mm_eos"] == pytest.approx(scores["surface_eos_mm"].iloc[0])
+
+
 def synthetic_score_rows(yaw_deg: list[float], nme: list[float]) -> pd.DataFrame:
     """synthetic_scores-like rows at the given yaws and NMEs: vertex errors 1, 2, ... mm (eos: twice that);
     nme_dlib, nme_mesh, nme_input = 2, 3, 4 x nme."""
@@ -625,7 +652,9 @@ def test_evaluate_stage_on_fabricated_reconstructions(sfm, tmp_path, monkeypatch
     part_path(synth / "reconstructions", "photos").parent.mkdir(parents=True)
     truth.to_parquet(synth / "truth.parquet")
     recon.to_parquet(part_path(synth / "reconstructions", "photos"))
-    (synth / "reconstructions" / "summary.json").write_text(json.dumps({"faces": 2, "seconds": 3.0}))
+    save_face_model(sfm, tmp_path / "model.npz")
+    (synth / "reconstructions" / "summary.json").write_text(json.dumps({"faces": 2, "seconds": 3.0,
+                                                                        "face_model": str(tmp_path / "model.npz")}))
     annotations = find_annotations(ANNOTATED, ANNOTATED)
     assert set(annotations) == set(annotated_photos())
     annotated = tmp_path / "annotated"
@@ -634,12 +663,11 @@ def test_evaluate_stage_on_fabricated_reconstructions(sfm, tmp_path, monkeypatch
     photos = tmp_path / "photos"
     part_path(photos, "train-00000").parent.mkdir(parents=True)
     pd.DataFrame({"masked_psnr": [20.0, 30.0]}).to_parquet(part_path(photos, "train-00000"))
-    save_face_model(sfm, tmp_path / "model.npz")
     (annotated / "summary.json").write_text(json.dumps({"faces": 8, "face_model": str(tmp_path / "model.npz")}))
     params = {"synth": {"face_model": str(tmp_path / "model.npz")}, "reconstruct": {"out": str(photos)},
               "evaluate": {"alignment": "rigid", "annotations": str(ANNOTATED), "annotated_images": str(ANNOTATED),
-                           "sfm_dir": str(SFM_DIR), "eos_iterations": 5, "eos_lambda_identity": 30.0,
-                           "eos_lambda_expressions": 30.0}}
+                           "sfm_dir": str(SFM_DIR), "sfm_model": str(tmp_path / "model.npz"), "eos_iterations": 5,
+                           "eos_lambda_identity": 30.0, "eos_lambda_expressions": 30.0}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     stages.evaluate.main(["--params", str(tmp_path / "params.yaml"), "--synth", str(synth), "--annotated",
                           str(annotated), "--metrics", str(tmp_path / "metrics.json"), "--faces",
@@ -648,6 +676,7 @@ def test_evaluate_stage_on_fabricated_reconstructions(sfm, tmp_path, monkeypatch
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["synthetic_vertex_error_mm"] < 1e-5 and m["synthetic_faces_missed"] == 1
     assert m["synthetic_vertex_error_mm_eos"] > 0.1 and m["vertex_error_vs_eos"] < 1e-3
+    assert m["synthetic_surface_error_mm"] < 1e-4 and m["synthetic_surface_error_mm_eos"] > 0.1
     assert m["fit_seconds_per_face"] == 1.5
     assert m["fit_speed_vs_eos"] == pytest.approx(1.5 / m["fit_seconds_per_face_eos"])
     assert (m["synthetic_by_yaw"]["yaw_0_30"]["faces"], m["synthetic_by_yaw"]["yaw_0_30"]["detected"]) == (2, 1)

@@ -262,3 +262,31 @@ def test_training_runs_on_ict_with_expressions_in_range(ict, tmp_path):
         weights = decoder.expression_weights(decoder.layout.split(coeffs).exp)
         verts = decoder(coeffs).verts_model
     assert weights.min() >= 0.0 and weights.max() <= 1.0 and torch.isfinite(verts).all()
+
+
+def test_model_comparison_refuses_one_model_under_two_names(sfm):
+    from stages.model_comparison import check_distinct
+
+    with pytest.raises(SystemExit, match="sfm, ict are all 'Surrey Face Model 3448'"):
+        check_distinct({"sfm": sfm, "ict": sfm})
+    check_distinct({"sfm": sfm, "ict": replace(sfm, name="ICT Face Model Light (narrow)")})
+
+
+def test_the_sfm_references_do_not_follow_face_model_source():
+    """model_comparison's SFM and the eos peer's SFM model are written by a stage that pins --source sfm:
+    models/face_model.npz holds face_model.source's model, so under `source: ict` the comparison would have
+    fitted ICT twice and the peer would have had no SFM landmark vertices."""
+    import yaml
+    from conftest import REPO_ROOT
+
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    writer = {str(out): stage["cmd"].split() for stage in stages.values() for out in stage.get("outs", [])
+              if isinstance(out, str)}
+    wanted = {**{f"model_comparison.models.{k}": v for k, v in params["model_comparison"]["models"].items()},
+              "evaluate.sfm_model": params["evaluate"]["sfm_model"]}
+    for key, path in wanted.items():
+        cmd = writer.get(path)
+        assert cmd is not None, f"{key}: no stage writes {path}"
+        source = key.rsplit(".", 1)[1] if key.startswith("model_comparison") else "sfm"
+        assert "--source" in cmd and cmd[cmd.index("--source") + 1] == source, (key, path, cmd)

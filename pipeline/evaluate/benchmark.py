@@ -18,6 +18,7 @@ import pandas as pd
 
 from .annotations import Annotation
 from .metrics import INNER_POINTS, aligned_vertex_error, check_shape, landmark_nme, region_error_stats
+from .model_comparison import surface_errors
 
 N_LANDMARKS = 68
 # A reconstruction whose face box overlaps the ground truth's box less than this (IoU) is another face or a
@@ -158,15 +159,40 @@ def add_peer_scores(scores: pd.DataFrame, truth: pd.DataFrame, peer_verts_mm: np
                     peer_seconds: np.ndarray, face_region: np.ndarray, mode: str) -> pd.DataFrame:
     """`scores` with the peer's columns err_eos_mm, err_eos_median_mm, nme_eos, eos_seconds added.
 
-    peer_verts_mm: (N, V, 3) mm in any frame; peer_lmk_px: (N, 68, 2) canvas px; peer_seconds: (N,), all in the
-    order of scores' rows."""
+    peer_verts_mm: (N, U, 3) mm in any frame; peer_lmk_px: (N, 68, 2) canvas px; peer_seconds: (N,), all in the
+    order of scores' rows; face_region: (V,) of the model that drew the truth. The vertex errors need the peer's
+    mesh to have the truth's vertices (U == V); a peer of another topology (eos's SFM on faces drawn by ICT) gets
+    NaN there, its shape is scored by add_surface_scores."""
     gt = truth.set_index("file").loc[scores["file"]]
     v = len(face_region)
-    errors = face_vertex_errors(np.asarray(peer_verts_mm, np.float64), stack_column(gt["verts_model"], (v, 3)),
-                                face_region, mode)
+    peer_verts_mm = np.asarray(peer_verts_mm, np.float64)
+    check_shape("peer_verts_mm", peer_verts_mm, (len(scores), None, 3))
+    if peer_verts_mm.shape[1] == v:
+        errors = face_vertex_errors(peer_verts_mm, stack_column(gt["verts_model"], (v, 3)), face_region, mode)
+    else:
+        errors = np.full((len(scores), 2), np.nan)
     return scores.assign(err_eos_mm=errors[:, 0], err_eos_median_mm=errors[:, 1],
                          nme_eos=landmark_nme(peer_lmk_px, stack_column(gt["lmk_px"], (N_LANDMARKS, 2))),
                          eos_seconds=np.asarray(peer_seconds, np.float64))
+
+
+def add_surface_scores(scores: pd.DataFrame, truth: pd.DataFrame, recon: pd.DataFrame, drawer, fitter,
+                       peer_verts_mm: np.ndarray, peer) -> pd.DataFrame:
+    """`scores` with surface_mm (ours) and surface_eos_mm (the peer's) added: the model-agnostic surface error
+    (model_comparison.surface_errors: inner-landmark rigid alignment, then each compared truth point's distance to
+    the predicted surface, mm), which scores a mesh of any topology against the truth.
+
+    drawer, fitter, peer: the FaceModels (landmarks, face_region, triangles) that drew the truth, that our
+    reconstructions in recon (verts_model) are meshes of, and of the peer's meshes peer_verts_mm (N, U, 3) mm,
+    in the order of scores' rows."""
+    gt = stack_column(truth.set_index("file").loc[scores["file"], "verts_model"], (drawer.n_verts, 3))
+    ours = stack_column(recon.loc[scores["recon_row"], "verts_model"], (fitter.n_verts, 3))
+    peer_verts_mm = np.asarray(peer_verts_mm, np.float64)
+    check_shape("peer_verts_mm", peer_verts_mm, (len(scores), peer.n_verts, 3))
+    region = (drawer.landmarks, drawer.face_region)
+    return scores.assign(
+        surface_mm=surface_errors(gt, *region, ours, fitter.triangles, fitter.landmarks),
+        surface_eos_mm=surface_errors(gt, *region, peer_verts_mm, peer.triangles, peer.landmarks))
 
 
 def our_landmarks(rows: pd.DataFrame, formats: list[str]) -> np.ndarray:
@@ -243,11 +269,14 @@ def synthetic_by_yaw(scores: pd.DataFrame, truth_yaw_deg: np.ndarray) -> dict:
 def synthetic_metrics(scores: pd.DataFrame, truth_yaw_deg: np.ndarray, our_seconds_per_face: float | None) -> dict:
     """Summary of the synthetic benchmark. scores: synthetic_scores (+ add_peer_scores) rows; truth_yaw_deg: (N,)
     the yaw of every synthetic face generated, degrees (the faces not in scores were missed by the detector);
-    our_seconds_per_face: the reconstruction's wall time per face. Errors in mm; speed ratio = our s/face over
-    eos's s/face (> 1: slower). synthetic_faces_nme_over_10pct: detected faces whose NME exceeds NME_FAILURE,
-    also counted up to FAILURE_YAW_MAX_DEG of |yaw| only (..._upto_75deg); synthetic_by_yaw: per yaw bin."""
+    our_seconds_per_face: the reconstruction's wall time per face. Errors in mm: vertex errors (the truth's
+    topology only: None for eos on faces another model drew) and surface errors (add_surface_scores, any topology;
+    None without those columns); speed ratio = our s/face over eos's s/face (> 1: slower).
+    synthetic_faces_nme_over_10pct: detected faces whose NME exceeds NME_FAILURE, also counted up to
+    FAILURE_YAW_MAX_DEG of |yaw| only (..._upto_75deg); synthetic_by_yaw: per yaw bin."""
     n_truth = len(truth_yaw_deg)
     ours, eos = _mean(scores["err_mm"]), _mean(scores.get("err_eos_mm", []))
+    surface, surface_eos = _mean(scores.get("surface_mm", [])), _mean(scores.get("surface_eos_mm", []))
     eos_seconds = _mean(scores.get("eos_seconds", []))
     failed = scores["nme"].to_numpy(np.float64) > NME_FAILURE
     short_of_profile = np.abs(scores["yaw_deg"].to_numpy(np.float64)) <= FAILURE_YAW_MAX_DEG
@@ -259,6 +288,8 @@ def synthetic_metrics(scores: pd.DataFrame, truth_yaw_deg: np.ndarray, our_secon
         "synthetic_vertex_error_median_mm_eos": _mean(scores.get("err_eos_median_mm", [])),
         "synthetic_vertex_error_mm_meanface": _mean(scores["err_meanface_mm"]),
         "vertex_error_vs_eos": _ratio(ours, eos),
+        "synthetic_surface_error_mm": surface, "synthetic_surface_error_mm_eos": surface_eos,
+        "surface_error_vs_eos": _ratio(surface, surface_eos),
         "fit_seconds_per_face": our_seconds_per_face, "fit_seconds_per_face_eos": eos_seconds,
         "fit_speed_vs_eos": _ratio(our_seconds_per_face, eos_seconds),
         "synthetic_landmark_nme": _mean(scores["nme"]),
