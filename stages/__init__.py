@@ -96,7 +96,7 @@ PARAM_CHECKS: dict[str, object] = {
     "masks.feather_px": _num(0), "masks.min_coverage": _num(0, below=1),
     "pack.val_ratio": _num(0, 1), "pack.shard_rows": _POS_INT, "pack.row_group_rows": _POS_INT,
     "albedo.components": _POS_INT, "albedo.batch_size": _POS_INT, "albedo.landmark_steps": _STEPS,
-    "albedo.full_steps": _STEPS, "albedo.lr": _num(above=0),
+    "albedo.full_steps": _STEPS, "albedo.lr": _num(above=0), "albedo.prior_weight": _num(0),
     "reconstruct.method": _choice("fit", "network", "network+fit"),
     "reconstruct.shards": _str, "reconstruct.out": _str, "reconstruct.face_model": _str,
     "reconstruct.checkpoint": _str, "reconstruct.batch_size": _POS_INT, "reconstruct.landmark_steps": _STEPS,

@@ -55,7 +55,7 @@ def main() -> None:
             samples.append(reflectance.numpy())
             weights.append(weight.numpy())
         reflectance, weight = np.concatenate(samples), np.concatenate(weights)
-        mean, basis = build_albedo_model(reflectance, weight, p["components"])
+        mean, basis = build_albedo_model(reflectance, weight, p["components"], p["prior_weight"])
         model = model.with_albedo(mean, basis, version=f"{model.version}+albedo{basis.shape[1]}")
         save_face_model(model, args.out)
         summary.update(faces=len(faces), k_alb=int(basis.shape[1]),

@@ -137,7 +137,8 @@ def test_visible_vertices_front_not_back(sfm):
 @pytest.mark.parametrize("model_name", ["sfm", "ict"])
 def test_recovered_mean_albedo_matches_the_generating_model(model_name, request):
     """Render faces with a known, spatially varying albedo; estimate reflectance with the true geometry and light
-    (the albedo stage's statistics), on both open face models."""
+    (the albedo stage's statistics, without the prior towards the overall colour, which has its own test), on
+    both open face models."""
     model = request.getfixturevalue(model_name)
     x = model.mean_shape[:, 0]
     y = model.mean_shape[:, 1]
@@ -152,7 +153,7 @@ def test_recovered_mean_albedo_matches_the_generating_model(model_name, request)
     c.sh[:, [3, 12, 21]] = 0.1
     batch = synthetic_batch(decoder, truth)
     reflectance, weight = reflectance_samples(decoder, truth, batch.photo, batch.face_mask)
-    mean, basis = build_albedo_model(reflectance.numpy(), weight.numpy(), n_components=2)
+    mean, basis = build_albedo_model(reflectance.numpy(), weight.numpy(), n_components=2, prior_weight=0.0)
     seen = weight.numpy().sum(0) > 0.5
     assert seen.mean() > 0.6
     err = np.abs(mean[seen] - mean_albedo[seen]).mean()
@@ -165,9 +166,31 @@ def test_recovered_mean_albedo_matches_the_generating_model(model_name, request)
 
 def test_albedo_model_rejects_nothing_seen_and_handles_one_face():
     with pytest.raises(ValueError, match="no vertex was seen"):
-        build_albedo_model(np.ones((2, 5, 3)), np.zeros((2, 5)), 3)
-    mean, basis = build_albedo_model(np.full((1, 4, 3), 0.5), np.ones((1, 4)), 3)
+        build_albedo_model(np.ones((2, 5, 3)), np.zeros((2, 5)), 3, 1.0)
+    with pytest.raises(ValueError, match="prior_weight"):
+        build_albedo_model(np.ones((2, 5, 3)), np.ones((2, 5)), 3, -1.0)
+    mean, basis = build_albedo_model(np.full((1, 4, 3), 0.5), np.ones((1, 4)), 3, 1.0)
     assert basis.shape == (12, 0) and np.allclose(mean, 0.5)
+
+
+def test_albedo_prior_keeps_a_faint_glimpse_from_painting_a_vertex():
+    """Vertex 0 is seen by every face in skin colour, vertex 1 by one face, faintly, in hair colour (a mask's
+    edge), vertex 2 never: against a naive per-vertex reference, the prior moves vertex 1 most of the way to the
+    overall colour and vertex 0 barely."""
+    skin, hair = np.array([0.7, 0.5, 0.4]), np.array([0.1, 0.08, 0.05])
+    n = 20
+    reflectance = np.broadcast_to(skin, (n, 3, 3)).copy()
+    reflectance[0, 1] = hair
+    weight = np.zeros((n, 3))
+    weight[:, 0] = 0.8
+    weight[0, 1] = 0.1
+    plain, _ = build_albedo_model(reflectance, weight, 0, 0.0)
+    mean, _ = build_albedo_model(reflectance, weight, 0, 1.0)
+    overall = (0.8 * n * skin + 0.1 * hair) / (0.8 * n + 0.1)
+    assert np.allclose(plain[:2], [skin, hair], atol=1e-6) and np.allclose(plain[2], overall, atol=1e-6)
+    assert np.allclose(mean[1], (0.1 * hair + overall) / 1.1, atol=1e-6)
+    assert np.allclose(mean[0], (0.8 * n * skin + overall) / (0.8 * n + 1), atol=1e-6)
+    assert np.abs(mean[0] - skin).max() < 0.01 and np.abs(mean[1] - overall).max() < 0.06
 
 
 def test_sample_at_vertices_reads_pixel_centres():

@@ -279,6 +279,7 @@ def test_an_unknown_method_is_refused_even_without_a_checkpoint(tmp_path, faces_
     ("train", "train", "epochs", 0, "train.epochs must be an int >= 1, got 0"),
     ("train", "train", "resume", "no", "train.resume must be true or false, got 'no'"),
     ("albedo", "albedo", "full_steps", -1, "albedo.full_steps must be an int >= 0, got -1"),
+    ("albedo", "albedo", "prior_weight", -0.5, "albedo.prior_weight must be a number >= 0, got -0.5"),
     ("synth", "synth", "count", "many", "synth.count must be an int >= 1, got 'many'"),
     ("report", "report", "max_faces", None, "report.max_faces must be an int >= 0, got None"),
 ])
