@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy.io import loadmat, savemat
@@ -20,10 +21,13 @@ from pipeline.face_model.mediapipe_mesh import (ANCHORS, Surface, closest_on_tri
                                                 register_canonical, with_mesh468)
 from pipeline.detect.alignment import TEMPLATE_5PT_PX, fit_similarity, five_points, transform_points
 from pipeline.evaluate.annotations import find_annotations
+from pipeline.evaluate.benchmark import annotated_scores
 from pipeline.evaluate.metrics import INNER_POINTS, landmark_nme
 from pipeline.face_model.ict import convert_ict, ict_face_model
 from pipeline.face_model.sfm import convert_sfm, similarity_fit
-from pipeline.reconstruct.fit import fit_to_landmarks
+from pipeline.losses import landmark_weights
+from pipeline.reconstruct.fit import FitSettings, fit_to_landmarks
+from pipeline.reconstruct.stream import reconstruct_faces
 from pipeline.train import IBUG_FLIP
 from conftest import ALBEDO, ANNOTATED, AUX_DIR, ICT_ARCHIVE, MEDIAPIPE_OBJ, REPO_ROOT, SFM_DIR
 
@@ -631,11 +635,6 @@ def test_fitted_inner_landmarks_bring_the_pipelines_fit_closer_to_held_out_annot
     NME, file's -> fitted: SFM 2.90 -> 2.60 %, ICT 2.84 -> 2.56 %, each lower on 3 of the 4 photos. Einstein's is
     not: SFM 3.57 -> 3.72, ICT 3.49 -> 3.54 %, and its fit is the least stable of the four (with the SFM's fitted
     vertices measured from 3.2 to 3.7 % as the steps or the preprocessing run change)."""
-    from pipeline.evaluate.benchmark import annotated_scores
-    from pipeline.losses import landmark_weights
-    from pipeline.reconstruct.fit import FitSettings
-    from pipeline.reconstruct.stream import reconstruct_faces
-    import pandas as pd
     name, fitted, file = landmark_choices
     faces, notes, reconstruct = annotated_faces
     fit = FitSettings.from_params({**reconstruct, "full_steps": 50})
