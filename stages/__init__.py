@@ -103,6 +103,7 @@ PARAM_CHECKS: dict[str, object] = {
     "reconstruct.full_steps": _STEPS, "reconstruct.refine_steps": _STEPS, "reconstruct.lr": _num(above=0),
     "reconstruct.landmark_stage_weight": _num(0), "reconstruct.landmark_stage_coefficient": _num(0),
     "reconstruct.landmark_stage_mesh_weight": _num(0), "reconstruct.pose_from_mesh": _bool,
+    "reconstruct.jaw_weight": _num(0), "reconstruct.nose_weight": _num(0), "reconstruct.mouth_weight": _num(0),
     "reconstruct.loss_weights": _each_value(_num(0)),
     "reconstruct.identity_net": _choice("dlib", "arcface", "none"), "reconstruct.identity_weights": _str,
     "reconstruct.write_meshes": _bool, "reconstruct.write_overlays": _bool, "reconstruct.write_crops": _bool,

@@ -32,7 +32,6 @@ from pipeline.evaluate.annotations import find_annotations
 from pipeline.evaluate.benchmark import annotated_metrics, annotated_scores, synthetic_metrics, synthetic_scores
 from pipeline.face_model import CoeffLayout, FaceDecoder, FaceModel, load_face_model
 from pipeline.host_memory import keep_freed_memory
-from pipeline.losses import landmark_weights
 from pipeline.reconstruct.fit import FitSettings, fit_coefficients
 from pipeline.reconstruct.outputs import faces_to_batch
 from pipeline.reconstruct.stream import reconstruct_faces
@@ -51,7 +50,7 @@ def fit_and_score(model: FaceModel, decoder: FaceDecoder, faces: pd.DataFrame, f
     """Fit every face with `fit` (or, given `network`, predict it: method network), then the evaluate stage's
     synthetic and annotated metrics of the result."""
     start = time.perf_counter()
-    rows = reconstruct_faces(decoder, faces, "fit" if network is None else "network", fit, landmark_weights(),
+    rows = reconstruct_faces(decoder, faces, "fit" if network is None else "network", fit, fit.point_weights(),
                              network, batch_size=batch_size)
     seconds = time.perf_counter() - start
     recon = pd.DataFrame(rows)
@@ -83,7 +82,7 @@ def step_seconds(decoder: FaceDecoder, faces: pd.DataFrame, fit: FitSettings) ->
     timed = replace(fit, landmark_steps=0, full_steps=TIMED_STEPS)
     fit.identity_features(batch.photo.device)  # loading the recogniser is not a step
     start = time.perf_counter()
-    fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, landmark_weights(), timed,
+    fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, fit.point_weights(), timed,
                      mesh_px=batch.mesh_px)
     return (time.perf_counter() - start) / TIMED_STEPS
 

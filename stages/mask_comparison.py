@@ -26,7 +26,6 @@ from pipeline.evaluate.mask_comparison import (HALF_WEIGHT, faces_masks, fit_ver
                                                summary, true_regions)
 from pipeline.face_model import FaceDecoder, load_face_model
 from pipeline.host_memory import keep_freed_memory
-from pipeline.losses import landmark_weights
 from pipeline.reconstruct.fit import FitSettings
 from pipeline.segment import MaskSettings
 from pipeline.shards.tables import iter_rows, join_in_order
@@ -95,7 +94,7 @@ def main(argv=None) -> None:
     decoder = FaceDecoder(load_face_model(p["face_model"]))
     errors = {}
     for name in FIT_METHODS:
-        scores = fit_vertex_errors(truth_model, decoder, faces, made[name][0], truth, fit, landmark_weights(),
+        scores = fit_vertex_errors(truth_model, decoder, faces, made[name][0], truth, fit, fit.point_weights(),
                                    p["batch_size"], params["evaluate"]["alignment"])
         errors[name] = {"faces": int(len(scores)), "vertex_error_mm": summary(scores["err_mm"]),
                         "meanface_error_mm": float(scores["err_meanface_mm"].mean()) if len(scores) else None}

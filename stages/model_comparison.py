@@ -35,7 +35,6 @@ from pipeline.evaluate.model_comparison import set_summary, surface_errors
 from pipeline.evaluate.synth import SynthSettings, background_sources, draw_faces, drawing_model
 from pipeline.face_model import FaceDecoder, FaceModel, load_face_model
 from pipeline.host_memory import keep_freed_memory
-from pipeline.losses import landmark_weights
 from pipeline.reconstruct.fit import FitSettings
 from pipeline.reconstruct.stream import reconstruct_faces
 from pipeline.segment import MaskSettings
@@ -44,7 +43,7 @@ from stages import read_params
 
 def fit_table(model: FaceModel, faces: pd.DataFrame, fit: FitSettings, batch_size: int) -> pd.DataFrame:
     """The reconstruct stage's rows (method fit) of `faces` (preprocessed rows) with `model`."""
-    rows = reconstruct_faces(FaceDecoder(model), faces, "fit", fit, landmark_weights(), batch_size=batch_size)
+    rows = reconstruct_faces(FaceDecoder(model), faces, "fit", fit, fit.point_weights(), batch_size=batch_size)
     return pd.DataFrame(rows)
 
 

@@ -31,7 +31,6 @@ from tqdm import tqdm
 
 from pipeline.face_model import FaceDecoder, load_face_model
 from pipeline.host_memory import keep_freed_memory
-from pipeline.losses import landmark_weights
 from pipeline.reconstruct.fit import FitSettings
 from pipeline.reconstruct.outputs import FaceOutputs, write_face_files
 from pipeline.reconstruct.stream import reconstruct_stream
@@ -274,7 +273,7 @@ def main(argv=None) -> None:
         todo = [photos_job(faces.iloc[rank::world].reset_index(drop=True), digest, p["batch_size"], rank, world)]
 
     decoder = FaceDecoder(model if model is not None else load_face_model(model_path)).to(device)
-    lmk_w = landmark_weights().to(device)
+    lmk_w = fit.point_weights(device)
     files = FaceOutputs(meshes=p["write_meshes"], overlays=p["write_overlays"], crops=p["write_crops"])
 
     start = time.perf_counter()

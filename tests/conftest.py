@@ -64,3 +64,21 @@ def write_png_header_only(path: Path, width: int, height: int) -> None:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 7))
                      + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="session")
+def annotated_faces():
+    """The annotated photos preprocessed as the pipeline does (params.yaml's crop, landmarks and masks), and their
+    annotations."""
+    import yaml
+    from pipeline.detect import CropSettings, LandmarkSettings, preprocess_photos
+    from pipeline.evaluate.annotations import find_annotations
+    from pipeline.segment import MaskSettings
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    for section in ("crop", "landmarks", "masks"):  # ../shared paths are relative to the repository root
+        params[section] = {k: str((REPO_ROOT / v).resolve()) if isinstance(v, str) and v.startswith("../") else v
+                           for k, v in params[section].items()}
+    notes = find_annotations(ANNOTATED, ANNOTATED)
+    faces, _ = preprocess_photos(sorted(notes), CropSettings(**params["crop"]), LandmarkSettings(**params["landmarks"]),
+                                 MaskSettings(**params["masks"]), workers=2, root=ANNOTATED)
+    return faces, notes, params["reconstruct"]

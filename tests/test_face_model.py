@@ -25,7 +25,6 @@ from pipeline.evaluate.benchmark import annotated_scores
 from pipeline.evaluate.metrics import INNER_POINTS, landmark_nme
 from pipeline.face_model.ict import convert_ict, ict_face_model
 from pipeline.face_model.sfm import convert_sfm, similarity_fit
-from pipeline.losses import landmark_weights
 from pipeline.reconstruct.fit import FitSettings, fit_to_landmarks
 from pipeline.reconstruct.stream import reconstruct_faces
 from pipeline.train import IBUG_FLIP
@@ -610,23 +609,6 @@ def test_fitted_inner_landmarks_reach_held_out_annotations_closer(landmark_choic
         assert nme["fitted"].mean() < 0.99 * nme["file"].mean(), nme
 
 
-@pytest.fixture(scope="module")
-def annotated_faces():
-    """The annotated photos preprocessed as the pipeline does (params.yaml's crop, landmarks and masks), and their
-    annotations."""
-    import yaml
-    from pipeline.detect import CropSettings, LandmarkSettings, preprocess_photos
-    from pipeline.segment import MaskSettings
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    for section in ("crop", "landmarks", "masks"):  # ../shared paths are relative to the repository root
-        params[section] = {k: str((REPO_ROOT / v).resolve()) if isinstance(v, str) and v.startswith("../") else v
-                           for k, v in params[section].items()}
-    notes = find_annotations(ANNOTATED, ANNOTATED)
-    faces, _ = preprocess_photos(sorted(notes), CropSettings(**params["crop"]), LandmarkSettings(**params["landmarks"]),
-                                 MaskSettings(**params["masks"]), workers=2, root=ANNOTATED)
-    return faces, notes, params["reconstruct"]
-
-
 def test_fitted_inner_landmarks_bring_the_pipelines_fit_closer_to_held_out_annotations(landmark_choices,
                                                                                        annotated_faces):
     """What the tables were derived for (scripts/derive_landmarks.py): the landmarks the reconstruct stage's fit
@@ -640,7 +622,7 @@ def test_fitted_inner_landmarks_bring_the_pipelines_fit_closer_to_held_out_annot
     fit = FitSettings.from_params({**reconstruct, "full_steps": 50})
     nme = {}
     for choice, model in [("fitted", fitted), ("file", file)]:
-        rows = pd.DataFrame(reconstruct_faces(FaceDecoder(model), faces, "fit", fit, landmark_weights()))
+        rows = pd.DataFrame(reconstruct_faces(FaceDecoder(model), faces, "fit", fit, fit.point_weights()))
         scores = annotated_scores(rows, notes).set_index("image").sort_index()
         assert scores["detected"].all() and len(scores) == len(notes), scores
         nme[choice] = scores["nme_inner"].to_numpy()

@@ -88,6 +88,8 @@ def test_landmark_weights_follow_deep3dfacerecon():
     assert w.sum().item() == 57 + 11 * 20   # not normalised
     custom = landmark_weights(nose_weight=5.0, mouth_weight=2.0)
     assert custom[28:31].tolist() == [5.0] * 3 and custom[60:].tolist() == [2.0] * 8 and custom[27] == 1.0
+    jaw = landmark_weights(jaw_weight=0.1)
+    assert torch.allclose(jaw[:17], torch.full((17,), 0.1)) and torch.equal(jaw[17:], w[17:])
 
 
 def test_landmark_loss_hand_computed():

@@ -251,6 +251,7 @@ def test_a_missing_params_file_is_an_error_not_the_defaults(tmp_path, faces_dir,
     ({"lr": "5e-2"}, "reconstruct.lr must be a number > 0, got '5e-2'"),
     ({"write_meshes": "yes"}, "reconstruct.write_meshes must be true or false, got 'yes'"),
     ({"loss_weights": {"photometric": -1.0}}, "reconstruct.loss_weights.photometric must be a number >= 0"),
+    ({"jaw_weight": -0.1}, "reconstruct.jaw_weight must be a number >= 0, got -0.1"),
     ({"method": "fitt"}, "reconstruct.method must be one of fit, network, network[+]fit, got 'fitt'"),
 ])
 def test_reconstruct_parameters_are_checked_before_any_work(tmp_path, faces_dir, face_model_npz, no_work,

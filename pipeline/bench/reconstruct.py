@@ -5,7 +5,6 @@ import pandas as pd
 import torch
 
 from ..face_model import FaceDecoder
-from ..losses import landmark_weights
 from ..reconstruct.batch import reconstruct_batch
 from ..reconstruct.fit import FitSettings
 from ..reconstruct.outputs import faces_to_batch
@@ -21,7 +20,7 @@ def reconstruct_throughput(decoder: FaceDecoder, network: torch.nn.Module, faces
     forward alone on the same decoded batches) and fit_s_per_image (method 'fit' at `fit` settings on the first
     batch, whole batch / batch_size)."""
     device = decoder.triangles.device
-    lmk_w = landmark_weights().to(device)
+    lmk_w = fit.point_weights(device)
     n = len(faces)
     if n == 0 or n % batch_size:
         raise ValueError(f"faces: expected a positive multiple of batch_size={batch_size} rows, got {n}")

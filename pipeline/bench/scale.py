@@ -61,7 +61,6 @@ def measure(shards: list[Path], face_model: Path, checkpoint: Path, arch: str, b
     import torch
 
     from ..face_model import FaceDecoder, load_face_model
-    from ..losses import landmark_weights
     from ..nets import build_rnet
     from ..reconstruct.fit import FitSettings
     from ..reconstruct.parts import PartWriter, part_path
@@ -77,7 +76,8 @@ def measure(shards: list[Path], face_model: Path, checkpoint: Path, arch: str, b
         decoder = FaceDecoder(decoding_face_model(checkpoint, face_model)[1])
     else:  # the bench measures the data path: a random-init network costs the same
         network = build_rnet(arch, decoder.layout.size, None).eval()
-    fit, lmk_w = FitSettings(), landmark_weights()
+    fit = FitSettings()
+    lmk_w = fit.point_weights()
     warm = next(iter_faces(shards[0], batch_size))
     list(reconstruct_stream(decoder, [warm], "network", fit, lmk_w, network))
 

@@ -7,15 +7,18 @@ import torch
 from .shapes import check_shape
 
 N_LANDMARKS = 68
+JAW_POINTS = slice(0, 17)     # 0-based iBUG points 0-16: the jaw contour
 NOSE_POINTS = slice(28, 31)   # 0-based iBUG points 28-30: the nose bridge down to above the tip
 INNER_MOUTH = slice(60, 68)   # 0-based iBUG points 60-67: the inner lip contour
 
 
-def landmark_weights(nose_weight: float = 20.0, mouth_weight: float = 20.0) -> torch.Tensor:
-    """Per-point weights of Deep3DFaceRecon's landmark loss: 1 everywhere, `nose_weight` on points 28-30 and
-    `mouth_weight` on the 8 inner-mouth points 60-67 (0-based iBUG order). Returns (68,) float32 on the CPU,
-    not normalised (the loss averages over points, not over weights)."""
+def landmark_weights(nose_weight: float = 20.0, mouth_weight: float = 20.0, jaw_weight: float = 1.0) -> torch.Tensor:
+    """Per-point landmark weights; the defaults are Deep3DFaceRecon's: 1 everywhere, `nose_weight` on points
+    28-30, `mouth_weight` on the 8 inner-mouth points 60-67 and `jaw_weight` on the 17 jaw points 0-16 (0-based
+    iBUG order). Returns (68,) float32 on the CPU, not normalised (the loss averages over points, not over
+    weights)."""
     weights = torch.ones(N_LANDMARKS)
+    weights[JAW_POINTS] = jaw_weight
     weights[NOSE_POINTS] = nose_weight
     weights[INNER_MOUTH] = mouth_weight
     return weights
