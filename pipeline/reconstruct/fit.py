@@ -57,9 +57,11 @@ class FitSettings:
     # Per-point weights of both stages' 68-point term (point_weights). Deep3DFaceRecon's (jaw 1, nose and inner
     # mouth 20, R-Net's training keeps them) cost the fit on both benchmarks: at full-stage landmark weight 2e-4,
     # photos 2.54 -> 2.51 % inner NME and renders 5.00 -> 4.42 mm (NME 6.1 -> 4.9 %) with jaw 0.1 and even inner
-    # points (x20 lets 11 points outweigh the other 40 inner ones). Jaw 0, 0.1, 0.3 at 5e-4: 2.40 / 2.39 / 2.42 %,
-    # 4.65 / 4.80 / 4.79 mm; nose and mouth 3 (jaw 0.1): 2.40 %, 4.81 mm. With jaw 0 the jaw follows the
-    # photometric term and the landmark stage's mesh points (the face oval), not the detectors' 2D outline.
+    # points (x20 lets 11 points outweigh the other 40 inner ones); at 5e-4, Deep3DFaceRecon's 2.41 % / 5.45 mm
+    # (NME 7.0 %), jaw 0 with nose and mouth x20 2.55 % / 5.17 mm. Jaw 0, 0.1, 0.3 (even inner points) at
+    # 5e-4: 2.40 / 2.39 / 2.42 %, 4.65 / 4.80 / 4.79 mm; nose and mouth 3 (jaw 0.1): 2.40 %, 4.81 mm. With jaw 0
+    # the jaw follows the photometric term and the landmark stage's mesh points (the face oval), not the
+    # detectors' 2D outline.
     jaw_weight: float = 0.0
     nose_weight: float = 1.0
     mouth_weight: float = 1.0
