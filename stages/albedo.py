@@ -13,7 +13,6 @@ from tqdm import tqdm
 
 from pipeline.face_model import FaceDecoder, load_face_model, save_face_model
 from pipeline.host_memory import keep_freed_memory
-from pipeline.losses import landmark_weights
 from pipeline.reconstruct.albedo import build_albedo_model, reflectance_samples
 from pipeline.reconstruct.fit import FitSettings, fit_coefficients
 from pipeline.reconstruct.outputs import faces_to_batch
@@ -45,7 +44,7 @@ def main() -> None:
             raise SystemExit(f"no training faces in {args.shards}: the albedo model needs photos")
         decoder = FaceDecoder(model)
         fit = FitSettings(landmark_steps=p["landmark_steps"], full_steps=p["full_steps"], lr=p["lr"])
-        lmk_w = landmark_weights()
+        lmk_w = fit.point_weights()  # the fit's defaults throughout, as the reconstruct stage fits
         samples, weights = [], []
         for lo in tqdm(range(0, len(faces), p["batch_size"]), desc="albedo: fit + sample"):
             batch = faces_to_batch(faces.iloc[lo:lo + p["batch_size"]], torch.device("cpu"))
