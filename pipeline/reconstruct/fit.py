@@ -29,10 +29,11 @@ def fitting_weights() -> LossWeights:
     With FitSettings' per-point weights (jaw 0, even inner points): inner-51 landmark NME on the photos /
     synthetic vertex error / synthetic NME by landmark weight: 2e-4: 2.51 % / 4.42 mm / 4.9 %; 5e-4: 2.40 % /
     4.65 mm / 5.4 %; 7e-4: 2.41 % / 4.87 mm / 5.8 %; 1e-3: 2.33 % / 5.04 mm / 6.2 %; 2e-3: 2.28 % / 5.54 mm /
-    7.1 %; 1e-2 (jaw 0.1): 2.27 % / 6.58 mm / 8.1 % (against the previous defaults, Deep3DFaceRecon's point
-    weights and 2e-4: 2.54 % / 5.00 mm / 6.1 %). A stronger term helps the photos and costs the renders: dlib's
-    and the mesh's points sit 4-5 % NME from the model's own landmark vertices even on frontal renders, and the
-    shape bends to meet them; 5e-4 is better than the old defaults on both. The mesh term in the full stage made
+    7.1 %; 1e-2 (jaw 0.1, landmark-stage prior 1e-4, no mesh points): 2.27 % / 6.58 mm / 8.1 % (against the
+    previous defaults, Deep3DFaceRecon's point weights and 2e-4: 2.54 % / 5.00 mm / 6.1 %). A stronger term
+    helps the photos and costs the renders: dlib's and the mesh's points sit 4-5 % NME from the model's own
+    landmark vertices even on frontal renders, and the shape bends to meet them; 5e-4 is better than the old
+    defaults on both. The mesh term in the full stage made
     both worse (photos 3.32 % against 3.09 % with mesh 2e-4, earlier vertex tables)."""
     return LossWeights(landmark=5.0e-4, mesh=0.0, landmark_delta_px=4.0)
 
