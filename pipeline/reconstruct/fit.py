@@ -33,8 +33,8 @@ def fitting_weights() -> LossWeights:
     previous defaults, Deep3DFaceRecon's point weights and 2e-4: 2.54 % / 5.00 mm / 6.1 %). A stronger term
     helps the photos and costs the renders: dlib's and the mesh's points sit 4-5 % NME from the model's own
     landmark vertices even on frontal renders, and the shape bends to meet them; 5e-4 is better than the old
-    defaults on both. The mesh term in the full stage made
-    both worse (photos 3.32 % against 3.09 % with mesh 2e-4, earlier vertex tables)."""
+    defaults on both. The mesh term in the full stage made both worse (photos 3.32 % against 3.09 % with mesh
+    2e-4, earlier vertex tables)."""
     return LossWeights(landmark=5.0e-4, mesh=0.0, landmark_delta_px=4.0)
 
 
