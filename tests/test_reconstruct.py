@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 import threading
+from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from pipeline.evaluate.benchmark import annotated_scores
 from pipeline.face_model import Coeffs, Decoded, FaceDecoder
 from pipeline.losses import landmark_weights
 from pipeline.losses.hybrid import LossWeights, hybrid_loss
@@ -16,6 +18,7 @@ from pipeline.reconstruct.albedo import build_albedo_model, reflectance_samples,
 from pipeline.reconstruct.batch import FaceBatch, reconstruct_batch, visible_vertices
 from pipeline.reconstruct.export import crop_to_photo_px, overlay_on_photo
 from pipeline.reconstruct.fit import FitSettings, fit_coefficients, per_face_terms
+from pipeline.reconstruct.stream import reconstruct_faces
 from pipeline.render.face import FaceRender, render_face
 
 
@@ -225,7 +228,6 @@ def test_overlay_lands_where_the_crop_came_from():
 
 
 def test_two_faces_of_one_photo_get_their_own_files(sfm, tmp_path):
-    import pandas as pd
     import trimesh
 
     from pipeline.reconstruct.outputs import FaceOutputs, face_rows, write_face_files
@@ -302,7 +304,6 @@ def test_per_face_terms_equal_hybrid_loss_of_each_face_alone(sfm):
 def test_per_face_mesh_terms_equal_hybrid_loss_of_each_face_alone(sfm):
     """With the dense mesh term on, face i's "mesh" term is hybrid_loss's on face i alone, and it vanishes when
     the target is the face's own projected mesh."""
-
     decoder = FaceDecoder(sfm)
     coeffs = random_faces(decoder, 3, seed=12)
     batch = synthetic_batch(decoder, random_faces(decoder, 3, seed=13))
@@ -328,7 +329,6 @@ def test_per_face_mesh_terms_equal_hybrid_loss_of_each_face_alone(sfm):
 
 def test_faces_to_batch_decodes_crops_and_masks_exactly():
     import cv2
-    import pandas as pd
 
     from pipeline.reconstruct.outputs import faces_to_batch
 
@@ -373,7 +373,6 @@ def test_fit_returns_each_faces_lowest_loss_iterate(sfm):
 def _encoded_faces(decoder: FaceDecoder, coeffs: torch.Tensor):
     """A faces table (as in the shards: PNG crop and mask bytes, landmarks) of renders of coeffs."""
     import cv2
-    import pandas as pd
 
     batch = synthetic_batch(decoder, coeffs)
     rgb = (batch.photo.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
@@ -463,7 +462,7 @@ def test_streamed_fitting_equals_fitting_batch_after_batch(sfm):
             np.testing.assert_array_equal(row["coeff_id"], c.numpy())
 
 
-def test_the_reconstruct_defaults_fit_held_out_annotations_at_least_as_well_as_the_previous(sfm, annotated_faces):
+def test_the_reconstruct_defaults_fit_the_annotated_photos_at_least_as_well_as_the_previous(sfm, annotated_faces):
     """The fit's defaults (no jaw, even inner points, full-stage landmark weight 5e-4) against the previous ones
     (Deep3DFaceRecon's point weights: jaw 1, nose and inner mouth x20; 2e-4) on the annotated photos, the
     reconstruct stage's fit, the SFM as converted (uniform albedo). Measured inner NME: 2.39 against 2.47 %
@@ -471,11 +470,6 @@ def test_the_reconstruct_defaults_fit_held_out_annotations_at_least_as_well_as_t
     point weights at 5e-4: 2.42 %. The point weights are about even on these photos; on the synthetic benchmark
     they are what makes the stronger landmark term affordable (FitSettings, fitting_weights). Einstein's fit swings
     most between settings, so this asserts the mean, not each photo."""
-    import pandas as pd
-
-    from pipeline.evaluate.benchmark import annotated_scores
-    from pipeline.reconstruct.stream import reconstruct_faces
-
     faces, notes, reconstruct = annotated_faces
     fit = FitSettings.from_params(reconstruct)
     assert fit.point_weights()[:17].sum() == 0 and torch.all(fit.point_weights()[17:] == 1)
