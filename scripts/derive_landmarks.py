@@ -43,7 +43,6 @@ from scipy.spatial import cKDTree
 from pipeline.face_model import FaceDecoder, FaceModel, load_face_model
 from pipeline.face_model.ict import face_area, ict_face_model, read_ict
 from pipeline.face_model.sfm import convert_sfm
-from pipeline.losses import landmark_weights
 from pipeline.reconstruct.fit import FitSettings
 from pipeline.reconstruct.parts import coefficient_vectors
 from pipeline.reconstruct.stream import reconstruct_faces
@@ -73,7 +72,7 @@ def fitted_vertices_px(model: FaceModel, faces: pd.DataFrame, fit: FitSettings) 
     """Reconstruct `faces` with the reconstruct stage's fit: (N, V, 2) float64 every vertex's projection and
     (N, 68, 2) float64 the output landmarks (lmk_crop_px), crop px."""
     decoder = FaceDecoder(model)
-    rows = pd.DataFrame(reconstruct_faces(decoder, faces, "fit", fit, landmark_weights()))
+    rows = pd.DataFrame(reconstruct_faces(decoder, faces, "fit", fit))
     with torch.no_grad():
         verts_px = decoder(torch.from_numpy(coefficient_vectors(rows, decoder.layout))).verts_px[..., :2]
     return verts_px.numpy().astype(np.float64), np.stack(rows["lmk_crop_px"].to_numpy()).reshape(-1, 68, 2)

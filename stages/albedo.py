@@ -43,12 +43,12 @@ def main() -> None:
         if len(faces) == 0:
             raise SystemExit(f"no training faces in {args.shards}: the albedo model needs photos")
         decoder = FaceDecoder(model)
+        # the fit's defaults (loss and point weights) otherwise: a reconstruct experiment does not redraw it
         fit = FitSettings(landmark_steps=p["landmark_steps"], full_steps=p["full_steps"], lr=p["lr"])
-        lmk_w = fit.point_weights()  # the fit's defaults throughout, as the reconstruct stage fits
         samples, weights = [], []
         for lo in tqdm(range(0, len(faces), p["batch_size"]), desc="albedo: fit + sample"):
             batch = faces_to_batch(faces.iloc[lo:lo + p["batch_size"]], torch.device("cpu"))
-            coeffs = fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, lmk_w, fit,
+            coeffs = fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, fit,
                                       mesh_px=batch.mesh_px)
             reflectance, weight = reflectance_samples(decoder, coeffs, batch.photo, batch.face_mask)
             samples.append(reflectance.numpy())

@@ -50,8 +50,8 @@ def fit_and_score(model: FaceModel, decoder: FaceDecoder, faces: pd.DataFrame, f
     """Fit every face with `fit` (or, given `network`, predict it: method network), then the evaluate stage's
     synthetic and annotated metrics of the result."""
     start = time.perf_counter()
-    rows = reconstruct_faces(decoder, faces, "fit" if network is None else "network", fit, fit.point_weights(),
-                             network, batch_size=batch_size)
+    rows = reconstruct_faces(decoder, faces, "fit" if network is None else "network", fit, network,
+                             batch_size=batch_size)
     seconds = time.perf_counter() - start
     recon = pd.DataFrame(rows)
     synth = synthetic_scores(truth, recon, model.mean_shape, model.face_region, alignment)
@@ -82,8 +82,7 @@ def step_seconds(decoder: FaceDecoder, faces: pd.DataFrame, fit: FitSettings) ->
     timed = replace(fit, landmark_steps=0, full_steps=TIMED_STEPS)
     fit.identity_features(batch.photo.device)  # loading the recogniser is not a step
     start = time.perf_counter()
-    fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, fit.point_weights(), timed,
-                     mesh_px=batch.mesh_px)
+    fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, timed, mesh_px=batch.mesh_px)
     return (time.perf_counter() - start) / TIMED_STEPS
 
 

@@ -94,7 +94,7 @@ def main(argv=None) -> None:
     decoder = FaceDecoder(load_face_model(p["face_model"]))
     errors = {}
     for name in FIT_METHODS:
-        scores = fit_vertex_errors(truth_model, decoder, faces, made[name][0], truth, fit, fit.point_weights(),
+        scores = fit_vertex_errors(truth_model, decoder, faces, made[name][0], truth, fit,
                                    p["batch_size"], params["evaluate"]["alignment"])
         errors[name] = {"faces": int(len(scores)), "vertex_error_mm": summary(scores["err_mm"]),
                         "meanface_error_mm": float(scores["err_meanface_mm"].mean()) if len(scores) else None}

@@ -43,7 +43,7 @@ from stages import read_params
 
 def fit_table(model: FaceModel, faces: pd.DataFrame, fit: FitSettings, batch_size: int) -> pd.DataFrame:
     """The reconstruct stage's rows (method fit) of `faces` (preprocessed rows) with `model`."""
-    rows = reconstruct_faces(FaceDecoder(model), faces, "fit", fit, fit.point_weights(), batch_size=batch_size)
+    rows = reconstruct_faces(FaceDecoder(model), faces, "fit", fit, batch_size=batch_size)
     return pd.DataFrame(rows)
 
 

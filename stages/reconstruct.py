@@ -273,7 +273,6 @@ def main(argv=None) -> None:
         todo = [photos_job(faces.iloc[rank::world].reset_index(drop=True), digest, p["batch_size"], rank, world)]
 
     decoder = FaceDecoder(model if model is not None else load_face_model(model_path)).to(device)
-    lmk_w = fit.point_weights(device)
     files = FaceOutputs(meshes=p["write_meshes"], overlays=p["write_overlays"], crops=p["write_crops"])
 
     start = time.perf_counter()
@@ -292,7 +291,7 @@ def main(argv=None) -> None:
             unwritten.clear()
             writer = PartWriter(part_path(out, job.name), job.key)
             try:
-                for rows in reconstruct_stream(decoder, job.batches(), method, fit, lmk_w, network,
+                for rows in reconstruct_stream(decoder, job.batches(), method, fit, network,
                                                p["refine_steps"], write_files):
                     with progress:
                         writer.write(table_rows(rows, unwritten, p["write_vertices"]))

@@ -222,5 +222,5 @@ def test_identity_term_of_the_fit(sfm):
                                                                                  five_points_torch(lmk[1:])))
     torch.testing.assert_close(alone["identity"], own["identity"][1:], atol=1e-5, rtol=1e-4)
     start = decoder.layout.zeros(2)
-    fitted = fit_coefficients(decoder, photo, face.mask, lmk, landmark_weights(), settings, init=start)
+    fitted = fit_coefficients(decoder, photo, face.mask, lmk, settings, init=start)
     assert torch.isfinite(fitted).all() and not torch.equal(fitted, start)

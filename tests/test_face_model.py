@@ -624,7 +624,7 @@ def test_fitted_inner_landmarks_bring_the_pipelines_fit_closer_to_held_out_annot
     fit = FitSettings.from_params({**reconstruct, "full_steps": 50})
     nme = {}
     for choice, model in [("fitted", fitted), ("file", file)]:
-        rows = pd.DataFrame(reconstruct_faces(FaceDecoder(model), faces, "fit", fit, fit.point_weights()))
+        rows = pd.DataFrame(reconstruct_faces(FaceDecoder(model), faces, "fit", fit))
         scores = annotated_scores(rows, notes).set_index("image").sort_index()
         assert scores["detected"].all() and len(scores) == len(notes), scores
         nme[choice] = scores["nme_inner"].to_numpy()

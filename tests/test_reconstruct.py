@@ -56,7 +56,7 @@ def test_fit_recovers_shape_better_than_the_mean_face(sfm):
     decoder = FaceDecoder(sfm)
     truth = random_faces(decoder, 4, seed=1)
     batch = synthetic_batch(decoder, truth)
-    coeffs = fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, landmark_weights(),
+    coeffs = fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px,
                               FitSettings(landmark_steps=60, full_steps=60), mesh_px=batch.mesh_px)
     with torch.no_grad():
         gt = decoder(truth).verts_model
@@ -102,9 +102,8 @@ def test_fitting_a_batch_equals_fitting_each_face(sfm):
     decoder = FaceDecoder(sfm).double()
     batch = synthetic_batch(decoder, random_faces(decoder, 2, seed=2).double())
     settings = FitSettings(landmark_steps=10, full_steps=5)
-    both = fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, landmark_weights(), settings)
-    one = fit_coefficients(decoder, batch.photo[1:], batch.face_mask[1:], batch.lmk_px[1:], landmark_weights(),
-                              settings)
+    both = fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, settings)
+    one = fit_coefficients(decoder, batch.photo[1:], batch.face_mask[1:], batch.lmk_px[1:], settings)
     torch.testing.assert_close(both[1:], one, atol=2e-4, rtol=1e-3)
 
 
@@ -112,11 +111,11 @@ def test_network_method_requires_a_network_and_validates_method(sfm):
     decoder = FaceDecoder(sfm)
     batch = synthetic_batch(decoder, decoder.layout.zeros(1))
     with pytest.raises(ValueError, match="needs a trained network"):
-        reconstruct_batch(decoder, batch, "network", FitSettings(), landmark_weights())
+        reconstruct_batch(decoder, batch, "network", FitSettings())
     with pytest.raises(ValueError, match="method must be one of"):
-        reconstruct_batch(decoder, batch, "magic", FitSettings(), landmark_weights())
+        reconstruct_batch(decoder, batch, "magic", FitSettings())
     zero_net = lambda photo: decoder.layout.zeros(photo.shape[0])  # noqa: E731 - the mean-face "network"
-    coeffs = reconstruct_batch(decoder, batch, "network", FitSettings(), landmark_weights(), zero_net)
+    coeffs = reconstruct_batch(decoder, batch, "network", FitSettings(), zero_net)
     assert torch.equal(coeffs, decoder.layout.zeros(1))
     face = render_face(decoder, coeffs)
     terms = per_face_terms(decoder, face, coeffs, batch.photo, batch.face_mask, batch.lmk_px, landmark_weights(),
@@ -237,7 +236,7 @@ def test_two_faces_of_one_photo_get_their_own_files(sfm, tmp_path):
     batch = synthetic_batch(decoder, coeffs)
     faces = pd.DataFrame({"id": ["group.jpg#0", "group.jpg#1"], "source": ["group.jpg"] * 2, "face_index": [0, 1],
                           "transform": [np.array([1.0, 0, 0, 0, 1.0, 0])] * 2, **face_columns(batch)})
-    rows, face = face_rows(decoder, coeffs, batch, faces, "fit", landmark_weights(), FitSettings().weights)
+    rows, face = face_rows(decoder, coeffs, batch, faces, "fit", FitSettings())
     write_face_files(tmp_path, faces, rows, face, batch.photo, decoder, FaceOutputs(overlays=False))
     names = sorted(p.name for p in tmp_path.iterdir())
     s0, s1 = rows[0]["files_stem"], rows[1]["files_stem"]
@@ -355,14 +354,13 @@ def test_fit_returns_each_faces_lowest_loss_iterate(sfm):
     truth = random_faces(decoder, 3, seed=9)
     batch = synthetic_batch(decoder, truth)
     settings = FitSettings(landmark_steps=0, full_steps=10, lr=2.0)
-    coeffs = fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, landmark_weights(), settings,
-                              init=truth)
+    coeffs = fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, settings, init=truth)
 
     def loss(c):
         with torch.no_grad():
             face = render_face(decoder, c)
             return face_totals(per_face_terms(decoder, face, c, batch.photo, batch.face_mask, batch.lmk_px,
-                                              landmark_weights(), settings.weights), settings.weights)
+                                              settings.point_weights(), settings.weights), settings.weights)
 
     assert torch.all(loss(coeffs) <= loss(truth))
     with torch.no_grad():
@@ -403,9 +401,9 @@ def test_streamed_reconstruction_equals_batch_after_batch(sfm, overlap, monkeypa
     def network(photo):  # a stand-in R-Net: each face's coefficients follow its photo, so all rows differ
         return decoder.layout.zeros(len(photo)) + 0.5 * photo.mean(dim=(1, 2, 3))[:, None]
 
-    settings, lmk_w = FitSettings(), landmark_weights()
+    settings = FitSettings()
     seen = []
-    rows = reconstruct_faces(decoder, faces, "network", settings, lmk_w, network, batch_size=2,
+    rows = reconstruct_faces(decoder, faces, "network", settings, network, batch_size=2,
                              on_batch=lambda chunk, chunk_rows, render, batch: seen.append(list(chunk["id"])))
     assert sorted(face for part in seen for face in part) == list(faces["id"])
     batch_of = {face: i // 2 for i, face in enumerate(faces["id"])}
@@ -419,8 +417,8 @@ def test_streamed_reconstruction_equals_batch_after_batch(sfm, overlap, monkeypa
     for lo in range(0, 5, 2):
         chunk = faces.iloc[lo:lo + 2]
         batch = faces_to_batch(chunk, torch.device("cpu"))
-        coeffs = reconstruct_batch(decoder, batch, "network", settings, lmk_w, network)
-        expected += face_rows(decoder, coeffs, batch, chunk, "network", lmk_w, settings.weights)[0]
+        coeffs = reconstruct_batch(decoder, batch, "network", settings, network)
+        expected += face_rows(decoder, coeffs, batch, chunk, "network", settings)[0]
     assert [r["id"] for r in rows] == list(faces["id"])
     for got, want in zip(rows, expected):  # a slice's matmuls may round differently from the whole batch's
         assert got["masked_psnr"] == pytest.approx(want["masked_psnr"], rel=1e-6)
@@ -433,7 +431,7 @@ def test_streamed_reconstruction_equals_batch_after_batch(sfm, overlap, monkeypa
             raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        reconstruct_faces(decoder, faces, "network", settings, lmk_w, network, batch_size=2, on_batch=fail)
+        reconstruct_faces(decoder, faces, "network", settings, network, batch_size=2, on_batch=fail)
 
 
 
@@ -453,11 +451,11 @@ def test_streamed_fitting_equals_fitting_batch_after_batch(sfm):
 
     decoder = FaceDecoder(sfm)
     faces = _encoded_faces(decoder, random_faces(decoder, 3, seed=8))
-    settings, lmk_w = FitSettings(landmark_steps=5, full_steps=5), landmark_weights()
-    rows = reconstruct_faces(decoder, faces, "fit", settings, lmk_w, batch_size=2)
+    settings = FitSettings(landmark_steps=5, full_steps=5)
+    rows = reconstruct_faces(decoder, faces, "fit", settings, batch_size=2)
     for lo in (0, 2):
         batch = faces_to_batch(faces.iloc[lo:lo + 2], torch.device("cpu"))
-        coeffs = reconstruct_batch(decoder, batch, "fit", settings, lmk_w)
+        coeffs = reconstruct_batch(decoder, batch, "fit", settings)
         for row, c in zip(rows[lo:lo + 2], decoder.layout.split(coeffs).id):
             np.testing.assert_array_equal(row["coeff_id"], c.numpy())
 
@@ -473,10 +471,12 @@ def test_the_reconstruct_defaults_fit_the_annotated_photos_at_least_as_well_as_t
     faces, notes, reconstruct = annotated_faces
     fit = FitSettings.from_params(reconstruct)
     assert fit.point_weights()[:17].sum() == 0 and torch.all(fit.point_weights()[17:] == 1)
-    previous = replace(fit, weights=replace(fit.weights, landmark=2.0e-4))
+    previous = replace(fit, weights=replace(fit.weights, landmark=2.0e-4), jaw_weight=1.0, nose_weight=20.0,
+                       mouth_weight=20.0)
+    torch.testing.assert_close(previous.point_weights(), landmark_weights())  # Deep3DFaceRecon's
     nme = {}
-    for name, settings, weights in [("defaults", fit, fit.point_weights()), ("previous", previous, landmark_weights())]:
-        rows = pd.DataFrame(reconstruct_faces(FaceDecoder(sfm), faces, "fit", settings, weights))
+    for name, settings in [("defaults", fit), ("previous", previous)]:
+        rows = pd.DataFrame(reconstruct_faces(FaceDecoder(sfm), faces, "fit", settings))
         scores = annotated_scores(rows, notes).set_index("image").sort_index()
         assert scores["detected"].all() and len(scores) == len(notes), scores
         nme[name] = scores["nme_inner"].to_numpy()

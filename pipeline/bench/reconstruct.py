@@ -20,7 +20,6 @@ def reconstruct_throughput(decoder: FaceDecoder, network: torch.nn.Module, faces
     forward alone on the same decoded batches) and fit_s_per_image (method 'fit' at `fit` settings on the first
     batch, whole batch / batch_size)."""
     device = decoder.triangles.device
-    lmk_w = fit.point_weights(device)
     n = len(faces)
     if n == 0 or n % batch_size:
         raise ValueError(f"faces: expected a positive multiple of batch_size={batch_size} rows, got {n}")
@@ -31,7 +30,7 @@ def reconstruct_throughput(decoder: FaceDecoder, network: torch.nn.Module, faces
             torch.cuda.synchronize(device)
 
     def network_path():
-        reconstruct_faces(decoder, faces, "network", fit, lmk_w, network, batch_size=batch_size)
+        reconstruct_faces(decoder, faces, "network", fit, network, batch_size=batch_size)
         synchronize()
 
     def forward_only():
@@ -41,7 +40,7 @@ def reconstruct_throughput(decoder: FaceDecoder, network: torch.nn.Module, faces
         synchronize()
 
     def fit_path():
-        reconstruct_batch(decoder, batches[0], "fit", fit, lmk_w)
+        reconstruct_batch(decoder, batches[0], "fit", fit)
         synchronize()
 
     seconds = interleaved_median_seconds({"network": network_path, "forward": forward_only}, repeats, warmup=1)

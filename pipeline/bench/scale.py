@@ -77,14 +77,13 @@ def measure(shards: list[Path], face_model: Path, checkpoint: Path, arch: str, b
     else:  # the bench measures the data path: a random-init network costs the same
         network = build_rnet(arch, decoder.layout.size, None).eval()
     fit = FitSettings()
-    lmk_w = fit.point_weights()
     warm = next(iter_faces(shards[0], batch_size))
-    list(reconstruct_stream(decoder, [warm], "network", fit, lmk_w, network))
+    list(reconstruct_stream(decoder, [warm], "network", fit, network))
 
     faces, start = 0, time.perf_counter()
     for shard in shards:
         writer = PartWriter(part_path(out, shard.stem), shard.name)
-        for rows in reconstruct_stream(decoder, iter_faces(shard, batch_size), "network", fit, lmk_w, network):
+        for rows in reconstruct_stream(decoder, iter_faces(shard, batch_size), "network", fit, network):
             writer.write([{k: v for k, v in row.items() if k != "verts_model"} for row in rows])
         writer.close(writer.rows_written, [])
         faces += writer.rows_written

@@ -84,13 +84,13 @@ def compose(second: np.ndarray, first: np.ndarray) -> np.ndarray:
 
 
 def fit_vertex_errors(model: FaceModel, decoder: FaceDecoder, faces: pd.DataFrame, masks: np.ndarray,
-                      truth: pd.DataFrame, fit: FitSettings, lmk_weights: torch.Tensor, batch_size: int,
+                      truth: pd.DataFrame, fit: FitSettings, batch_size: int,
                       alignment: str) -> pd.DataFrame:
     """Fit every face of `faces` by `decoder` with `masks` (N, S, S) uint8 as its face masks (method fit, as the
     reconstruct stage does) and score against the truth with `model`'s mean shape and face region (the model the
     faces were drawn from; benchmark.synthetic_scores: err_mm etc. per face matched)."""
     with_masks = faces.assign(mask=[encode_png(m) for m in masks])
-    rows = reconstruct_faces(decoder, with_masks, "fit", fit, lmk_weights, batch_size=batch_size)
+    rows = reconstruct_faces(decoder, with_masks, "fit", fit, batch_size=batch_size)
     return synthetic_scores(truth, pd.DataFrame(rows), model.mean_shape, model.face_region, alignment)
 
 

@@ -26,7 +26,7 @@ class FaceBatch:
         return FaceBatch(self.photo[faces], self.face_mask[faces], self.lmk_px[faces], self.mesh_px[faces])
 
 
-def reconstruct_batch(decoder: FaceDecoder, batch: FaceBatch, method: str, fit: FitSettings, lmk_weights: torch.Tensor,
+def reconstruct_batch(decoder: FaceDecoder, batch: FaceBatch, method: str, fit: FitSettings,
                       network: Callable[[torch.Tensor], torch.Tensor] | None = None,
                       refine_steps: int = 0) -> torch.Tensor:
     """Coefficients (B, C) by `method`: 'fit' (analysis by synthesis from the mean face), 'network' (one R-Net
@@ -35,7 +35,7 @@ def reconstruct_batch(decoder: FaceDecoder, batch: FaceBatch, method: str, fit: 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "fit":
-        return fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, lmk_weights, fit,
+        return fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, fit,
                                 mesh_px=batch.mesh_px)
     if network is None:
         raise ValueError(f"method {method!r} needs a trained network (models/rnet.pt)")
@@ -43,7 +43,7 @@ def reconstruct_batch(decoder: FaceDecoder, batch: FaceBatch, method: str, fit: 
         coeffs = network(batch.photo)
     if method == "network+fit":
         refine = replace(fit, full_steps=refine_steps)
-        return fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, lmk_weights, refine, init=coeffs,
+        return fit_coefficients(decoder, batch.photo, batch.face_mask, batch.lmk_px, refine, init=coeffs,
                                 mesh_px=batch.mesh_px)
     return coeffs
 

@@ -176,12 +176,12 @@ def pose_from_mesh(decoder: FaceDecoder, mesh_px: torch.Tensor, start: torch.Ten
 
 
 def fit_coefficients(decoder: FaceDecoder, photo: torch.Tensor, face_mask: torch.Tensor, lmk_px: torch.Tensor,
-                     lmk_weights: torch.Tensor, settings: FitSettings, init: torch.Tensor | None = None,
+                     settings: FitSettings, init: torch.Tensor | None = None,
                      mesh_px: torch.Tensor | None = None) -> torch.Tensor:
     """Fit B faces jointly (one tensor, one optimiser; the loss is a per-face sum so faces stay independent).
 
-    photo: (B, 3, S, S) crops in [0, 1]; face_mask: (B, 1, S, S) in [0, 1]; lmk_px: (B, 68, 2) crop pixels;
-    lmk_weights: (68,); init: (B, C) start coefficients (default: the mean face, posed from the mesh when
+    photo: (B, 3, S, S) crops in [0, 1]; face_mask: (B, 1, S, S) in [0, 1]; lmk_px: (B, 68, 2) crop pixels,
+    weighted per point by settings.point_weights() in both stages; init: (B, C) start coefficients (default: the mean face, posed from the mesh when
     settings.pose_from_mesh, else frontal); mesh_px: (B, 468, 3) the detected face mesh, crop px (None: no mesh
     terms; they also need the face model's 468-point correspondence).
     Returns coefficients (B, C), detached.
@@ -196,6 +196,7 @@ def fit_coefficients(decoder: FaceDecoder, photo: torch.Tensor, face_mask: torch
         coeffs = pose_from_mesh(decoder, mesh_px, coeffs)
     mesh_xy = mesh_px[..., :2] if mesh_px is not None else None
     w = settings.weights
+    lmk_weights = settings.point_weights(photo.device)
     features = settings.identity_features(photo.device)
     # the photo's chip is cut by the detected landmarks' five points (the landmark stage has brought the model's
     # onto them), so its features are computed once, not at every step as with the render's moving points

@@ -18,9 +18,8 @@ from ..render.face import FaceRender, render_face
 from ..shards.image_bytes import decode_grey, decode_rgb
 from ..render.mesh_io import write_obj
 from ..evaluate.metrics import masked_psnr
-from ..losses.hybrid import LossWeights
 from .batch import FaceBatch, visible_vertices
-from .fit import per_face_terms
+from .fit import FitSettings, per_face_terms
 from .export import crop_to_photo_px, draw_landmarks, overlay_on_photo, photo_vertex_colors, write_png
 
 
@@ -85,7 +84,7 @@ def file_stem(face_id: str) -> str:
 
 
 def face_rows(decoder: FaceDecoder, coeffs: torch.Tensor, batch: FaceBatch, faces: pd.DataFrame, method: str,
-              lmk_weights: torch.Tensor, weights: LossWeights) -> tuple[list[dict], FaceRender]:
+              fit: FitSettings) -> tuple[list[dict], FaceRender]:
     """One table row per face: ids, the crop's 2x3 photo -> crop transform (6 values, row-major), coefficient
     groups, Euler angles in degrees, landmarks, the identity+expression mesh (mm), masked PSNR and the loss terms.
     Landmarks, (68, 2) flattened, ORIGINAL-photo px unless named crop: `lmk_px` / `lmk_crop_px` ours with the jaw
@@ -97,8 +96,8 @@ def face_rows(decoder: FaceDecoder, coeffs: torch.Tensor, batch: FaceBatch, face
 
     with torch.no_grad():
         face = render_face(decoder, coeffs)
-        terms = per_face_terms(decoder, face, coeffs, batch.photo, batch.face_mask, batch.lmk_px, lmk_weights, weights,
-                               batch.mesh_px[..., :2])
+        terms = per_face_terms(decoder, face, coeffs, batch.photo, batch.face_mask, batch.lmk_px,
+                               fit.point_weights(coeffs.device), fit.weights, batch.mesh_px[..., :2])
         psnr = masked_psnr(face.image, batch.photo, batch.face_mask * face.mask)
         lmk3d_crop = decoder.landmark3d_px(decoder.layout.split(coeffs)).cpu().numpy()
     # whole-batch arrays once; each row takes its face's slice

@@ -37,19 +37,19 @@ def overlaps_scoring(device: torch.device) -> bool:
 
 
 def reconstruct_faces(decoder: FaceDecoder, faces: pd.DataFrame, method: str, fit: FitSettings,
-                      lmk_weights: torch.Tensor, network: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      network: Callable[[torch.Tensor], torch.Tensor] | None = None,
                       refine_steps: int = 0, batch_size: int = 32, on_batch: BatchDone | None = None) -> list[dict]:
     """Reconstruct every face of `faces` (rows with crop/mask/landmarks as in the shards) in batches of
     batch_size (reconstruct_stream). Returns one row per face (face_rows), in table order."""
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     batches = (faces.iloc[lo:lo + batch_size] for lo in range(0, len(faces), batch_size))
-    return [row for rows in reconstruct_stream(decoder, batches, method, fit, lmk_weights, network, refine_steps,
+    return [row for rows in reconstruct_stream(decoder, batches, method, fit, network, refine_steps,
                                                on_batch) for row in rows]
 
 
 def reconstruct_stream(decoder: FaceDecoder, batches: Iterable[pd.DataFrame], method: str, fit: FitSettings,
-                       lmk_weights: torch.Tensor, network: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                       network: Callable[[torch.Tensor], torch.Tensor] | None = None,
                        refine_steps: int = 0, on_batch: BatchDone | None = None) -> Iterator[list[dict]]:
     """Reconstruct each batch of faces (DataFrames of rows with crop/mask/landmarks as in the shards, read lazily:
     a streamed input is read one batch ahead) by `method` (reconstruct_batch); yields each batch's rows
@@ -66,7 +66,7 @@ def reconstruct_stream(decoder: FaceDecoder, batches: Iterable[pd.DataFrame], me
     pending = (chunk for chunk in batches if len(chunk))
 
     def score(chunk: pd.DataFrame, coeffs: torch.Tensor, batch: FaceBatch) -> list[dict]:
-        chunk_rows, render = face_rows(decoder, coeffs, batch, chunk, method, lmk_weights, fit.weights)
+        chunk_rows, render = face_rows(decoder, coeffs, batch, chunk, method, fit)
         if on_batch is not None:
             on_batch(chunk, chunk_rows, render, batch)
         return chunk_rows
@@ -90,7 +90,7 @@ def reconstruct_stream(decoder: FaceDecoder, batches: Iterable[pd.DataFrame], me
                 following = next(pending, None)
                 if overlap and following is not None:
                     decoded = reader.submit(faces_to_batch, following, device)
-                coeffs = reconstruct_batch(decoder, batch, method, fit, lmk_weights, network, refine_steps)
+                coeffs = reconstruct_batch(decoder, batch, method, fit, network, refine_steps)
                 if not overlap and following is not None:  # on CPU the next batch decodes beside the scorers
                     decoded = reader.submit(faces_to_batch, following, device)
                 if scoring:
