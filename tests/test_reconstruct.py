@@ -95,6 +95,23 @@ def test_pose_from_the_mesh_recovers_turned_heads(sfm):
     assert decoder.layout.split(again).trans.abs().max() < 0.05  # world units (dm): within 5 mm
 
 
+def test_the_fit_weights_the_landmarks_by_its_settings_point_weights(sfm):
+    """fit_coefficients takes the 68-point weights from its settings (FitSettings.point_weights), in both stages:
+    with jaw_weight 0 (the default) jaw points moved 20 px leave the fit exactly as it was; with jaw_weight 1
+    they move it."""
+    decoder = FaceDecoder(sfm)
+    batch = synthetic_batch(decoder, random_faces(decoder, 2, seed=12))
+    moved = batch.lmk_px.clone()
+    moved[:, :17] += 20.0
+    settings = FitSettings(landmark_steps=10, full_steps=3)
+    assert settings.jaw_weight == 0.0
+    for jaw_weight in (0.0, 1.0):
+        fit = replace(settings, jaw_weight=jaw_weight)
+        same, other = (fit_coefficients(decoder, batch.photo, batch.face_mask, lmk, fit, mesh_px=batch.mesh_px)
+                       for lmk in (batch.lmk_px, moved))
+        assert torch.equal(same, other) == (jaw_weight == 0.0), jaw_weight
+
+
 def test_fitting_a_batch_equals_fitting_each_face(sfm):
     """Faces optimised as one tensor do not influence each other (per-face sum, per-element Adam). In float64:
     Adam's per-element step has the size lr whatever the gradient's size, so float32 rounding differences
