@@ -43,7 +43,8 @@ def main() -> None:
         if len(faces) == 0:
             raise SystemExit(f"no training faces in {args.shards}: the albedo model needs photos")
         decoder = FaceDecoder(model)
-        # the fit's defaults (loss and point weights) otherwise: a reconstruct experiment does not redraw it
+        # steps and lr from params, the loss and point weights the fit's defaults: an experiment on the reconstruct
+        # params (dvc exp run -S reconstruct...) leaves this model, and the synthetic set drawn from it, as they are
         fit = FitSettings(landmark_steps=p["landmark_steps"], full_steps=p["full_steps"], lr=p["lr"])
         samples, weights = [], []
         for lo in tqdm(range(0, len(faces), p["batch_size"]), desc="albedo: fit + sample"):

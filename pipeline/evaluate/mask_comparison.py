@@ -12,7 +12,6 @@ from dataclasses import replace
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..face_model import FaceDecoder, FaceModel
 from ..reconstruct.fit import FitSettings

@@ -181,9 +181,9 @@ def fit_coefficients(decoder: FaceDecoder, photo: torch.Tensor, face_mask: torch
     """Fit B faces jointly (one tensor, one optimiser; the loss is a per-face sum so faces stay independent).
 
     photo: (B, 3, S, S) crops in [0, 1]; face_mask: (B, 1, S, S) in [0, 1]; lmk_px: (B, 68, 2) crop pixels,
-    weighted per point by settings.point_weights() in both stages; init: (B, C) start coefficients (default: the mean face, posed from the mesh when
-    settings.pose_from_mesh, else frontal); mesh_px: (B, 468, 3) the detected face mesh, crop px (None: no mesh
-    terms; they also need the face model's 468-point correspondence).
+    weighted per point by settings.point_weights() in both stages; init: (B, C) start coefficients (default:
+    the mean face, posed from the mesh when settings.pose_from_mesh, else frontal); mesh_px: (B, 468, 3) the
+    detected face mesh, crop px (None: no mesh terms; they also need the face model's 468-point correspondence).
     Returns coefficients (B, C), detached.
     """
     size = decoder.camera.size_px
