@@ -82,3 +82,16 @@ def annotated_faces():
     faces, _ = preprocess_photos(sorted(notes), CropSettings(**params["crop"]), LandmarkSettings(**params["landmarks"]),
                                  MaskSettings(**params["masks"]), workers=2, root=ANNOTATED)
     return faces, notes, params["reconstruct"]
+
+
+def annotated_inner_nme(model, faces, notes, fit):
+    """(N,) the inner NME per annotated photo (sorted by image) of the reconstruct stage's fit of `faces`
+    (annotated_faces) with `model` (FaceModel) and `fit` (FitSettings); asserts every annotated face was found."""
+    import pandas as pd
+    from pipeline.evaluate.benchmark import annotated_scores
+    from pipeline.face_model import FaceDecoder
+    from pipeline.reconstruct.stream import reconstruct_faces
+    rows = pd.DataFrame(reconstruct_faces(FaceDecoder(model), faces, "fit", fit))
+    scores = annotated_scores(rows, notes).set_index("image").sort_index()
+    assert scores["detected"].all() and len(scores) == len(notes), scores
+    return scores["nme_inner"].to_numpy()

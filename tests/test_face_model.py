@@ -6,7 +6,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from scipy.io import loadmat, savemat
@@ -21,14 +20,12 @@ from pipeline.face_model.mediapipe_mesh import (ANCHORS, Surface, closest_on_tri
                                                 register_canonical, with_mesh468)
 from pipeline.detect.alignment import TEMPLATE_5PT_PX, fit_similarity, five_points, transform_points
 from pipeline.evaluate.annotations import find_annotations
-from pipeline.evaluate.benchmark import annotated_scores
 from pipeline.evaluate.metrics import INNER_POINTS, landmark_nme
 from pipeline.face_model.ict import convert_ict, ict_face_model
 from pipeline.face_model.sfm import convert_sfm, similarity_fit
 from pipeline.reconstruct.fit import FitSettings, fit_to_landmarks
-from pipeline.reconstruct.stream import reconstruct_faces
 from pipeline.train import IBUG_FLIP
-from conftest import ALBEDO, ANNOTATED, AUX_DIR, ICT_ARCHIVE, MEDIAPIPE_OBJ, REPO_ROOT, SFM_DIR
+from conftest import ALBEDO, ANNOTATED, AUX_DIR, ICT_ARCHIVE, MEDIAPIPE_OBJ, REPO_ROOT, SFM_DIR, annotated_inner_nme
 
 
 def test_sfm_sizes(sfm):
@@ -622,11 +619,7 @@ def test_fitted_inner_landmarks_bring_the_pipelines_fit_closer_to_held_out_annot
     name, fitted, file = landmark_choices
     faces, notes, reconstruct = annotated_faces
     fit = FitSettings.from_params({**reconstruct, "full_steps": 50})
-    nme = {}
-    for choice, model in [("fitted", fitted), ("file", file)]:
-        rows = pd.DataFrame(reconstruct_faces(FaceDecoder(model), faces, "fit", fit))
-        scores = annotated_scores(rows, notes).set_index("image").sort_index()
-        assert scores["detected"].all() and len(scores) == len(notes), scores
-        nme[choice] = scores["nme_inner"].to_numpy()
+    nme = {choice: annotated_inner_nme(model, faces, notes, fit)
+           for choice, model in [("fitted", fitted), ("file", file)]}
     assert (nme["fitted"] < nme["file"]).sum() >= len(notes) - 1, nme
     assert nme["fitted"].mean() < 0.95 * nme["file"].mean(), nme

@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.evaluate.benchmark import annotated_scores
 from pipeline.face_model import Coeffs, Decoded, FaceDecoder
 from pipeline.losses import landmark_weights
 from pipeline.losses.hybrid import LossWeights, hybrid_loss
@@ -20,6 +19,8 @@ from pipeline.reconstruct.export import crop_to_photo_px, overlay_on_photo
 from pipeline.reconstruct.fit import FitSettings, fit_coefficients, per_face_terms
 from pipeline.reconstruct.stream import reconstruct_faces
 from pipeline.render.face import FaceRender, render_face
+
+from conftest import annotated_inner_nme
 
 
 def random_faces(decoder: FaceDecoder, n: int, seed: int) -> torch.Tensor:
@@ -408,7 +409,6 @@ def test_streamed_reconstruction_equals_batch_after_batch(sfm, overlap, monkeypa
     from pipeline.reconstruct.batch import reconstruct_batch
     from pipeline.reconstruct.outputs import face_rows, faces_to_batch
     from pipeline.reconstruct import stream
-    from pipeline.reconstruct.stream import reconstruct_faces
 
     monkeypatch.setattr(stream, "overlaps_scoring", lambda device: overlap)  # the GPU's schedule, run on CPU
     decoder = FaceDecoder(sfm)
@@ -464,7 +464,6 @@ def test_streamed_fitting_equals_fitting_batch_after_batch(sfm):
     """With method fit the main thread runs autograd while the worker renders the previous batch: still the same
     coefficients as fitting each batch alone."""
     from pipeline.reconstruct.outputs import faces_to_batch
-    from pipeline.reconstruct.stream import reconstruct_faces
 
     decoder = FaceDecoder(sfm)
     faces = _encoded_faces(decoder, random_faces(decoder, 3, seed=8))
@@ -491,10 +490,6 @@ def test_the_reconstruct_defaults_fit_the_annotated_photos_at_least_as_well_as_t
     previous = replace(fit, weights=replace(fit.weights, landmark=2.0e-4), jaw_weight=1.0, nose_weight=20.0,
                        mouth_weight=20.0)
     torch.testing.assert_close(previous.point_weights(), landmark_weights())  # Deep3DFaceRecon's
-    nme = {}
-    for name, settings in [("defaults", fit), ("previous", previous)]:
-        rows = pd.DataFrame(reconstruct_faces(FaceDecoder(sfm), faces, "fit", settings))
-        scores = annotated_scores(rows, notes).set_index("image").sort_index()
-        assert scores["detected"].all() and len(scores) == len(notes), scores
-        nme[name] = scores["nme_inner"].to_numpy()
+    nme = {name: annotated_inner_nme(sfm, faces, notes, settings)
+           for name, settings in [("defaults", fit), ("previous", previous)]}
     assert nme["defaults"].mean() < nme["previous"].mean(), nme
