@@ -45,25 +45,35 @@ def write_params(work: Path, photos: Path) -> Path:
     return path
 
 
-def preprocess(work: Path, params: Path) -> None:
+def preprocess(work: Path, params: Path, ports: tuple[int, ...] | None = None) -> None:
+    """The crop, landmarks and masks stages in `work`; with `ports` (one per stage) as gloo ranks, each stage its
+    own rendezvous as its own torchrun launch would be: a stage that reused the last one's port could reach rank
+    0's store of that stage while rank 0 was closing it (seen once: 'Failed to recv, got 0 bytes')."""
     from stages import crop, landmarks, masks
 
     os.chdir(work)
-    for stage in (crop, landmarks, masks):
+    for i, stage in enumerate((crop, landmarks, masks)):
+        if ports is not None:
+            os.environ["MASTER_PORT"] = str(ports[i])
         stage.main(["--params", str(params)])
 
 
-def _rank_worker(rank: int, world: int, port: int, work: str, params: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+def _rank_worker(rank: int, world: int, ports: tuple[int, ...], work: str, params: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    preprocess(Path(work), Path(params))
+    preprocess(Path(work), Path(params), ports)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> tuple[int, ...]:
+    """n distinct free TCP ports on 127.0.0.1 (held open together while chosen, so they differ)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return tuple(s.getsockname()[1] for s in sockets)
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +91,7 @@ def runs(tmp_path_factory, faces_dir):
             out[name] = root / name
         params = write_params(root, photos)
         preprocess(out["one"], params)
-        mp.spawn(_rank_worker, args=(2, _free_port(), str(out["two"]), str(params)), nprocs=2, join=True)
+        mp.spawn(_rank_worker, args=(2, _free_ports(3), str(out["two"]), str(params)), nprocs=2, join=True)
         from stages import pack
         os.chdir(out["one"])
         pack.main(["--params", str(params)])
