@@ -91,7 +91,7 @@ PARAM_CHECKS: dict[str, object] = {
     "landmarks.fuse_max_disagreement": _num(above=0), "landmarks.min_mesh_score": _num(0, 1),
     "landmarks.profile_yaw_deg": _num(0, 90),
     "masks.method": _choice("mesh", "skin", "bisenet"), "masks.mesh_obj": _str, "masks.min_mesh_score": _num(0, 1),
-    "masks.skin_gate": _num(0, 1), "mask_comparison.synth_faces": _POS_INT,
+    "masks.skin_gate": _num(0, 1), "mask_comparison.synth_faces": _POS_INT, "mask_comparison.skin_gate": _num(0, 1),
     "masks.face_classes": _list_of(_str), "masks.bisenet_weights": _str, "masks.forehead_lift": _num(0),
     "masks.feather_px": _num(0), "masks.min_coverage": _num(0, below=1),
     "pack.val_ratio": _num(0, 1), "pack.shard_rows": _POS_INT, "pack.row_group_rows": _POS_INT,

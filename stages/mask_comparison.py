@@ -1,5 +1,5 @@
-"""Stage `mask_comparison`: the face-mask methods (masks.method mesh, skin; and mesh without its colour gate)
-measured in one bounded run -> reports/mask_comparison.json.
+"""Stage `mask_comparison`: the face-mask methods (masks.method mesh, skin; and mesh gated by skin colour at
+mask_comparison.skin_gate) measured in one bounded run -> reports/mask_comparison.json.
 
 1. Synthetic faces (mask_comparison.synth_faces of data/synth, evenly spaced through truth.parquet): preprocessed
    as `reconstruct_synth` does (params crop, landmarks), each method's mask made on the same crops; IoU (masks
@@ -8,7 +8,10 @@ measured in one bounded run -> reports/mask_comparison.json.
    vertices), then the fit (params reconstruct, method fit) with each method's masks and its vertex error
    (evaluate.alignment, the face region), as the evaluate stage scores it. true_region_mesh_faces: the IoUs
    over the faces whose mesh was usable only (the others fell back to the skin model under method mesh).
-2. The sample photos' faces (data/interim crops and landmarks, from data.images): IoU between the mesh and the
+2. The annotated photos (evaluate.annotated_images, evaluate.annotations): preprocessed the same way, fitted
+   with each method's masks and scored as the evaluate stage scores them (landmark_nme, landmark_nme_inner): the
+   real photos, where hair, hands and shadows lie inside the face region, decide as much as the renders.
+3. The sample photos' faces (data/interim crops and landmarks, from data.images): IoU between the mesh and the
    skin masks, where no truth exists; faces that fell back from the mesh.
 """
 from __future__ import annotations
@@ -22,8 +25,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline.detect import CROP_SIZE_PX, CropSettings, LandmarkSettings, preprocess_photos
-from pipeline.evaluate.mask_comparison import (HALF_WEIGHT, faces_masks, fit_vertex_errors, iou, mask_variants,
-                                               summary, true_regions)
+from pipeline.evaluate.annotations import find_annotations
+from pipeline.evaluate.mask_comparison import (HALF_WEIGHT, faces_masks, fit_annotated_nmes, fit_vertex_errors, iou,
+                                               mask_variants, summary, true_regions)
 from pipeline.face_model import FaceDecoder, load_face_model
 from pipeline.host_memory import keep_freed_memory
 from pipeline.reconstruct.fit import FitSettings
@@ -32,10 +36,10 @@ from pipeline.shards.tables import iter_rows, join_in_order
 from stages import build_settings, read_params
 
 SECTIONS = ("mask_comparison", "masks", "crop", "landmarks", "workers", "reconstruct", "synth.face_model",
-            "evaluate.alignment")
+            "evaluate.alignment", "evaluate.annotated_images", "evaluate.annotations")
 CROPS = Path("data/interim/crops.parquet")
 LANDMARKS = Path("data/interim/landmarks.parquet")
-FIT_METHODS = ("mesh", "skin")  # fitted with; mesh_no_gate is scored by IoU only (it would double the run)
+FIT_METHODS = ("mesh", "skin")  # fitted with; mesh_gated is scored by IoU only (it would double the run)
 
 
 def pick_faces(truth: pd.DataFrame, count: int) -> pd.DataFrame:
@@ -62,7 +66,7 @@ def main(argv=None) -> None:
         fit = FitSettings.from_params(p)
     except (TypeError, ValueError) as error:
         raise SystemExit(f"reconstruct: bad parameters: {error}") from None
-    variants = mask_variants(masks)
+    variants = mask_variants(masks, params["mask_comparison"]["skin_gate"])
     start = time.perf_counter()
     seconds = {}
 
@@ -102,6 +106,16 @@ def main(argv=None) -> None:
     seconds["fits"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    e = params["evaluate"]
+    annotations = find_annotations(e["annotated_images"], e["annotations"])
+    annotated_faces, _ = preprocess_photos(sorted(annotations), crop, landmarks, variants["skin"], params["workers"])
+    annotated = {"images": len(annotations), "faces": int(len(annotated_faces)),
+                 "fit": {name: fit_annotated_nmes(decoder, annotated_faces,
+                                                  faces_masks(annotated_faces, variants[name])[0], annotations,
+                                                  fit, p["batch_size"]) for name in FIT_METHODS}}
+    seconds["annotated"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     photos = pd.DataFrame(join_in_order(iter_rows(CROPS, columns=["id", "source", "crop", "mesh", "mesh_score"]),
                                         iter_rows(LANDMARKS, columns=["id", "landmarks"])))
     mesh, _, fallbacks = faces_masks(photos, variants["mesh"])
@@ -113,9 +127,10 @@ def main(argv=None) -> None:
     seconds["sample_photos"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - start
 
-    report = {"synthetic": synthetic, "sample_photos": sample,
+    report = {"synthetic": synthetic, "annotated": annotated, "sample_photos": sample,
               "seconds": {k: round(v, 1) for k, v in seconds.items()},
-              "settings": {"skin_gate": masks.skin_gate, "feather_px": masks.feather_px,
+              "settings": {"skin_gate": masks.skin_gate, "skin_gate_gated": variants["mesh_gated"].skin_gate,
+                           "feather_px": masks.feather_px,
                            "min_mesh_score": masks.min_mesh_score, "binarised_at": HALF_WEIGHT}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -7,13 +7,14 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import FACES, MEDIAPIPE_OBJ
+from conftest import FACES, MEDIAPIPE_OBJ, annotated_inner_nme
 from pipeline.detect import CropSettings, LandmarkSettings, crop_photo
 from pipeline.detect.landmarks import landmarks_task
-from pipeline.evaluate.mask_comparison import compose, iou
+from pipeline.evaluate.mask_comparison import compose, fit_annotated_nmes, iou
 from pipeline.evaluate.synth import (SynthSettings, background_patch, painted_albedo, read_five_points,
                                      render_synthetic, true_region_in_crop, true_region_weights)
 from pipeline.face_model import FaceDecoder
+from pipeline.reconstruct.fit import FitSettings
 from pipeline.face_model.mediapipe_mesh import read_canonical_obj
 from pipeline.segment import MaskSettings, face_mask, skin_mask
 from pipeline.segment.masks import mask_task
@@ -173,3 +174,20 @@ def test_skin_gate_removes_a_non_skin_occluder_inside_the_mesh_region(photo_face
     ungated = face_mask(covered, lmk, MaskSettings(method="mesh", mesh_obj=str(MEDIAPIPE_OBJ), skin_gate=0.0),
                         mesh_px=mesh, mesh_score=1.0).weights
     assert gated[inner].max() < 0.05 * 255 and ungated[inner].min() > 0.9 * 255
+
+
+def test_the_mask_comparison_scores_the_annotated_photos_fitted_with_the_masks_it_is_given(sfm, annotated_faces):
+    """fit_annotated_nmes with the faces' own masks scores what the evaluate stage's scoring of the same fit gives
+    (conftest.annotated_inner_nme), and the masks it is given reach the fit: with empty masks the photometric
+    term sees nothing and the full stage ends elsewhere. A short fit (30 + 20 steps) keeps it cheap."""
+    faces, notes, _ = annotated_faces
+    fit = FitSettings(landmark_steps=30, full_steps=20)
+    own = np.stack([decode_grey(m) for m in faces["mask"]])
+    decoder = FaceDecoder(sfm)
+    scored = fit_annotated_nmes(decoder, faces, own, notes, fit, batch_size=32)
+    assert scored["landmark_nme_count"] == len(notes)
+    assert scored["landmark_nme_inner"] == pytest.approx(annotated_inner_nme(sfm, faces, notes, fit).mean(), abs=1e-6)
+    empty = fit_annotated_nmes(decoder, faces, np.zeros_like(own), notes, fit, batch_size=32)
+    assert abs(empty["landmark_nme_inner"] - scored["landmark_nme_inner"]) > 1e-4, (empty, scored)
+    with pytest.raises(ValueError, match="masks: expected shape"):
+        fit_annotated_nmes(decoder, faces, own[:1], notes, fit, batch_size=32)

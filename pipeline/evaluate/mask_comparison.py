@@ -1,6 +1,6 @@
 """Face-mask methods compared (the `mask_comparison` stage): IoU with the true face region of synthetic faces, IoU
-between the methods on real photos (no truth there), and the fit's vertex error on the synthetic faces with each
-method's masks, all in one run.
+between the methods on real photos (no truth there), the fit's vertex error on the synthetic faces and its
+landmark NME on the annotated photos with each method's masks, all in one run.
 
 Masks are binarised at half weight (>= 128 of 255) for the IoUs. The synthetic faces go through the whole
 preprocessing (detection, alignment, landmarks) as in `reconstruct_synth`; their true regions are rendered from
@@ -9,6 +9,7 @@ the truth and warped into each face's crop (synth.true_region_in_crop), for both
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,18 +20,19 @@ from ..reconstruct.stream import reconstruct_faces
 from ..segment.masks import MaskSettings, face_mask
 from ..shards.accounting import Rejected
 from ..shards.image_bytes import decode_rgb, encode_png
-from .benchmark import stack_column, synthetic_scores
+from .annotations import Annotation
+from .benchmark import annotated_metrics, annotated_scores, stack_column, synthetic_scores
 from .metrics import check_shape
 from .synth import TRUE_REGIONS, true_region_in_crop, true_region_weights
 
 HALF_WEIGHT = 128  # of 255: a mask pixel counts as face at and above half weight
 
 
-def mask_variants(settings: MaskSettings) -> dict[str, MaskSettings]:
-    """The methods compared, from the `masks` params: mesh (as configured), mesh without the skin-colour gate,
-    and the skin colour model."""
+def mask_variants(settings: MaskSettings, gated_skin_gate: float) -> dict[str, MaskSettings]:
+    """The methods compared, from the `masks` params: mesh (with the configured skin_gate), mesh_gated (the
+    mesh region gated by skin colour at `gated_skin_gate`) and the skin colour model."""
     return {"mesh": replace(settings, method="mesh", bisenet_weights=""),
-            "mesh_no_gate": replace(settings, method="mesh", bisenet_weights="", skin_gate=0.0),
+            "mesh_gated": replace(settings, method="mesh", bisenet_weights="", skin_gate=gated_skin_gate),
             "skin": replace(settings, method="skin", bisenet_weights="")}
 
 
@@ -85,12 +87,30 @@ def compose(second: np.ndarray, first: np.ndarray) -> np.ndarray:
 def fit_vertex_errors(model: FaceModel, decoder: FaceDecoder, faces: pd.DataFrame, masks: np.ndarray,
                       truth: pd.DataFrame, fit: FitSettings, batch_size: int,
                       alignment: str) -> pd.DataFrame:
-    """Fit every face of `faces` by `decoder` with `masks` (N, S, S) uint8 as its face masks (method fit, as the
-    reconstruct stage does) and score against the truth with `model`'s mean shape and face region (the model the
-    faces were drawn from; benchmark.synthetic_scores: err_mm etc. per face matched)."""
+    """Fit every face of `faces` with `masks` (fit_with_masks) and score against the truth with `model`'s mean
+    shape and face region (the model the faces were drawn from; benchmark.synthetic_scores: err_mm etc. per face
+    matched)."""
+    rows = fit_with_masks(decoder, faces, masks, fit, batch_size)
+    return synthetic_scores(truth, rows, model.mean_shape, model.face_region, alignment)
+
+
+def fit_annotated_nmes(decoder: FaceDecoder, faces: pd.DataFrame, masks: np.ndarray,
+                       annotations: dict[Path, Annotation], fit: FitSettings, batch_size: int) -> dict:
+    """Fit the annotated photos' faces with `masks` (fit_with_masks) and score them as the evaluate stage does:
+    {landmark_nme, landmark_nme_inner (51 points), landmark_nme_count}, NMEs as fractions of the ground-truth box
+    size, over the annotated faces found (benchmark.annotated_metrics)."""
+    metrics = annotated_metrics(annotated_scores(fit_with_masks(decoder, faces, masks, fit, batch_size),
+                                                 annotations))
+    return {k: metrics[k] for k in ("landmark_nme", "landmark_nme_inner", "landmark_nme_count")}
+
+
+def fit_with_masks(decoder: FaceDecoder, faces: pd.DataFrame, masks: np.ndarray, fit: FitSettings,
+                   batch_size: int) -> pd.DataFrame:
+    """The reconstruction rows of every face of `faces` (preprocessed rows, as in the shards) fitted by `decoder`
+    with `masks` (N, S, S) uint8 in place of their own face masks (method fit, as the reconstruct stage does)."""
+    check_shape("masks", masks, (len(faces), None, None))
     with_masks = faces.assign(mask=[encode_png(m) for m in masks])
-    rows = reconstruct_faces(decoder, with_masks, "fit", fit, batch_size=batch_size)
-    return synthetic_scores(truth, pd.DataFrame(rows), model.mean_shape, model.face_region, alignment)
+    return pd.DataFrame(reconstruct_faces(decoder, with_masks, "fit", fit, batch_size=batch_size))
 
 
 def summary(values) -> dict:
