@@ -20,6 +20,7 @@ import functools
 import cv2
 import numpy as np
 
+from ..face_model.mediapipe_mesh import read_canonical_obj
 from .skin_model import SUBPIXEL_BITS, face_regions, feather, polygons_mask, skin_posterior
 
 N_MESH = 468
@@ -41,8 +42,6 @@ HOLES = {"left_eye": LEFT_EYE, "right_eye": RIGHT_EYE, "left_brow": LEFT_BROW, "
 @functools.cache
 def mesh_triangles(obj_path: str) -> np.ndarray:
     """The canonical triangulation (898, 3) int64 of MediaPipe's 468 points, read once per process."""
-    # imported here: pipeline.face_model loads torch, which only the processes that make mesh masks need
-    from ..face_model.mediapipe_mesh import read_canonical_obj
     return read_canonical_obj(obj_path)[1]
 
 
