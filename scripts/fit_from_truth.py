@@ -1,0 +1,91 @@
+"""How close the reconstruct stage's fit can come to the annotated photos' ground truth when its 68-point input is
+the ground truth itself: the part of the landmark error that no better landmark detector could remove.
+
+Each annotated photo is preprocessed as the pipeline does (params.yaml crop, landmarks, masks). The annotated
+face (the one overlapping its ground-truth box most, as the evaluate stage matches) is then fitted three ways,
+with the reconstruct stage's settings (params.yaml reconstruct, method fit):
+- from its detected points (what the pipeline outputs);
+- from the ground truth in their place (crop px; crop, mask and face mesh as detected): the full fit, and its
+  landmark stage alone;
+- the face model's reach: its landmarks fitted to the ground truth alone, no prior (the evaluate stage's
+  landmark_nme_model_floor).
+Prints the inner-51-point NME (% of sqrt(w h) of the ground-truth box) per photo and the means, beside the
+detected input's own. If the fit from the truth is above the best input's NME, following any input more
+closely cannot bring the fit below that input: its prior and photometric term hold it off the points.
+
+Usage (repo root, after `dvc repro face_model albedo`; PYTHONPATH=. so that this tree's pipeline is imported):
+    PYTHONPATH=. python scripts/fit_from_truth.py [--params params.yaml]
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.detect import CropSettings, LandmarkSettings, preprocess_photos
+from pipeline.detect.alignment import transform_points
+from pipeline.evaluate.annotations import find_annotations
+from pipeline.evaluate.benchmark import landmark_column, our_landmarks, pick_faces, stack_column
+from pipeline.evaluate.landmark_floor import model_landmark_floor
+from pipeline.evaluate.metrics import INNER_POINTS, landmark_nme
+from pipeline.face_model import FaceDecoder, load_face_model
+from pipeline.reconstruct.fit import FitSettings
+from pipeline.reconstruct.stream import reconstruct_faces
+from pipeline.segment import MaskSettings
+from stages import build_settings, read_params
+
+
+def inner_nme(pred_px: np.ndarray, gt_px: np.ndarray) -> np.ndarray:
+    """(N,) inner-51 NME in % of (N, 68, 2) photo-px predictions against the ground truth."""
+    return 100 * landmark_nme(pred_px, gt_px, INNER_POINTS)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = ap.parse_args(argv)
+    params = read_params(args.params, "crop", "landmarks", "masks", "workers", "reconstruct", "evaluate")
+    e, p = params["evaluate"], params["reconstruct"]
+    notes = {str(path.resolve()): a for path, a in find_annotations(e["annotated_images"], e["annotations"]).items()}
+    settings = (build_settings(CropSettings, params["crop"], "crop"),
+                build_settings(LandmarkSettings, params["landmarks"], "landmarks"),
+                build_settings(MaskSettings, params["masks"], "masks"))
+    faces, _ = preprocess_photos([Path(k) for k in sorted(notes)], *settings, params["workers"])
+    faces = faces.reset_index(drop=True)  # labels = positions, as in the reconstruction rows
+    decoder = FaceDecoder(load_face_model(p["face_model"]))
+    fit = FitSettings.from_params(p)
+
+    def fitted(rows_in: pd.DataFrame, settings: FitSettings) -> pd.DataFrame:
+        return pd.DataFrame(reconstruct_faces(decoder, rows_in, "fit", settings, batch_size=p["batch_size"]))
+
+    detected = fitted(faces, fit)  # rows in the order of faces
+    matches = pick_faces(detected, {k: a.lmk_px for k, a in notes.items()}, lambda source: str(Path(source).resolve()))
+    keys = sorted(k for k in matches if matches[k].found)
+    if not keys:
+        raise SystemExit("no annotated face was found")
+    index = [matches[k].row for k in keys]
+    gt = np.stack([notes[k].lmk_px for k in keys])
+    formats = [notes[k].format for k in keys]
+    transform = stack_column(faces.loc[index, "transform"], (2, 3))
+    truth_input = faces.loc[index].copy()
+    truth_input["landmarks"] = [transform_points(g, t).astype(np.float32).reshape(-1) for g, t in zip(gt, transform)]
+
+    columns = {
+        "detected input (landmarks.source)": landmark_column(detected.loc[index], "input_lmk_px"),
+        "fit from the input": our_landmarks(detected.loc[index], formats),
+        "fit from the truth": our_landmarks(fitted(truth_input, fit), formats),
+        "landmark stage from the truth": our_landmarks(fitted(truth_input, replace(fit, full_steps=0)), formats),
+        "model reach (no prior)": model_landmark_floor(decoder, gt, transform),
+    }
+    table = pd.DataFrame({name: inner_nme(pred, gt) for name, pred in columns.items()},
+                         index=[Path(k).name for k in keys])
+    table.loc["mean"] = table.mean()
+    print("inner-51 landmark NME, % (annotated photos)")
+    print(table.round(2).to_string())
+
+
+if __name__ == "__main__":
+    main()
