@@ -17,8 +17,8 @@ from pipeline.evaluate.mask_comparison import compose, fit_annotated_nmes, iou
 from pipeline.evaluate.synth import (SynthSettings, background_patch, painted_albedo, read_five_points,
                                      render_synthetic, true_region_in_crop, true_region_weights)
 from pipeline.face_model import FaceDecoder
-from pipeline.reconstruct.fit import FitSettings
 from pipeline.face_model.mediapipe_mesh import read_canonical_obj
+from pipeline.reconstruct.fit import FitSettings
 from pipeline.segment import MaskSettings, face_mask, skin_mask
 from pipeline.segment.masks import mask_task
 from pipeline.segment.mesh_mask import HOLES, INNER_MOUTH, LEFT_BROW, LEFT_EYE, RIGHT_BROW, RIGHT_EYE, N_MESH
