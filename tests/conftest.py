@@ -18,6 +18,22 @@ ICT_ARCHIVE = SHARED / "face_models" / "ict" / "ICT-FaceKit-FaceXModel.tar.xz"
 ALBEDO = (0.72, 0.53, 0.44)  # the uniform albedo the converters give models without a colour model
 
 
+def repo_params() -> dict:
+    """The repository's params.yaml with its relative paths into ../shared made absolute (resolved from the
+    repository root), so that a copy a test writes into its own work folder still finds the shared files."""
+    import yaml
+
+    def absolute(value):
+        if isinstance(value, dict):
+            return {k: absolute(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [absolute(v) for v in value]
+        if isinstance(value, str) and value.startswith("../"):
+            return str((REPO_ROOT / value).resolve())
+        return value
+    return absolute(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()))
+
+
 @pytest.fixture(scope="session")
 def sfm():
     """The default face model as the face_model stage builds it (Surrey Face Model 3448, uniform albedo, with the
@@ -70,14 +86,10 @@ def write_png_header_only(path: Path, width: int, height: int) -> None:
 def annotated_faces():
     """The annotated photos preprocessed as the pipeline does (params.yaml's crop, landmarks and masks), and their
     annotations."""
-    import yaml
     from pipeline.detect import CropSettings, LandmarkSettings, preprocess_photos
     from pipeline.evaluate.annotations import find_annotations
     from pipeline.segment import MaskSettings
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    for section in ("crop", "landmarks", "masks"):  # ../shared paths are relative to the repository root
-        params[section] = {k: str((REPO_ROOT / v).resolve()) if isinstance(v, str) and v.startswith("../") else v
-                           for k, v in params[section].items()}
+    params = repo_params()
     notes = find_annotations(ANNOTATED, ANNOTATED)
     faces, _ = preprocess_photos(sorted(notes), CropSettings(**params["crop"]), LandmarkSettings(**params["landmarks"]),
                                  MaskSettings(**params["masks"]), workers=2, root=ANNOTATED)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO_ROOT, write_png_header_only
+from conftest import repo_params, write_png_header_only
 from pipeline.detect import CropSettings, LandmarkSettings, preprocess_photos
 from pipeline.segment import MaskSettings
 from pipeline.shards import read_faces
@@ -54,7 +54,7 @@ def make_corpus(folder: Path, faces_dir: Path) -> None:
 
 
 def write_params(workdir: Path, images: Path, **overrides: dict) -> Path:
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params = repo_params()
     params["data"]["images"] = str(images)
     params["workers"] = 2
     for section, values in overrides.items():

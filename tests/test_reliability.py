@@ -10,13 +10,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, repo_params
 from pipeline.reconstruct.parts import read_reconstructions
 
 
 def write_params(workdir: Path, **overrides: dict) -> Path:
     """The repository's params.yaml with `overrides` ({section: {key: value}}) at workdir/params.yaml."""
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params = repo_params()
     for section, values in overrides.items():
         if isinstance(values, dict):
             params[section].update(values)

@@ -17,7 +17,7 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
-from conftest import REPO_ROOT
+from conftest import repo_params
 from pipeline.shards.ranks import rank_of
 
 PHOTOS = {"000002.jpg": "a.jpg", "000037.jpg": "b.jpg", "vd051.png": "sub/c.png", "trump_hillary.jpg": "d.jpg"}
@@ -35,7 +35,7 @@ def make_photos(folder: Path, faces_dir: Path) -> None:
 
 
 def write_params(work: Path, photos: Path) -> Path:
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params = repo_params()
     params["data"]["images"] = str(photos)
     params["workers"] = 1
     params["crop"]["multi_face"] = "all"
@@ -121,7 +121,7 @@ def test_two_ranks_write_what_one_process_writes(runs):
 # ---- streaming, resumable reconstruction
 
 def reconstruct_params(work: Path, shards: Path, model: Path, **reconstruct) -> Path:
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params = repo_params()
     quick = dict(face_model=str(model), checkpoint=str(work / "no_rnet.pt"), method="fit", shards=str(shards),
                  landmark_steps=2, full_steps=2, batch_size=2, write_overlays=False, write_crops=False,
                  write_meshes=True)
