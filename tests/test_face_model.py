@@ -549,11 +549,13 @@ def test_face_model_stage_writes_the_correspondence(source, request, tmp_path, m
 @pytest.fixture(scope="module", params=["sfm", "ict"])
 def landmark_choices(request):
     """(name, the model with its fitted inner landmarks as the face_model stage builds it, the same model with its
-    files' landmarks): the SFM's ibug_to_sfm.txt and ICT's README Multi-PIE list."""
+    files' landmarks): the SFM's ibug_to_sfm.txt and ICT's README Multi-PIE list. Both carry the 468-point
+    correspondence, so that a fit of either uses the same terms and only the landmark table differs."""
     if request.param == "sfm":
-        return "sfm", request.getfixturevalue("sfm"), convert_sfm(SFM_DIR, AUX_DIR, ALBEDO, landmarks="model_file")
-    return "ict", request.getfixturevalue("ict"), ict_face_model(request.getfixturevalue("ict_data"), ALBEDO,
-                                                                 "narrow", landmarks="model_file")
+        file = convert_sfm(SFM_DIR, AUX_DIR, ALBEDO, landmarks="model_file")
+    else:
+        file = ict_face_model(request.getfixturevalue("ict_data"), ALBEDO, "narrow", landmarks="model_file")
+    return request.param, request.getfixturevalue(request.param), with_mesh468(file, MEDIAPIPE_OBJ)
 
 
 def test_fitted_inner_landmarks_move_only_inner_points_nearby(landmark_choices):
@@ -610,20 +612,21 @@ def test_fitted_inner_landmarks_bring_the_pipelines_fit_closer_to_held_out_annot
                                                                                        annotated_faces):
     """What the tables were derived for (scripts/derive_landmarks.py): the landmarks the reconstruct stage's fit
     outputs, scored on the held-out annotated photos, get closer to the ground truth with the fitted vertices.
-    Both models as converted (uniform albedo, as model_comparison fits them), 50 full-loss steps, the fit's own
-    point weights and params.yaml's masks (the ungated mesh). Measured inner NME, file's -> fitted: SFM 3.15 ->
-    2.59 %, lower on all four photos. ICT: 3.54 -> 3.28 % (lower on all four) run alone, but 3.53 -> 3.48 % (lower on
-    2 of 4: breakingbad 2.70 -> 2.92, einstein 5.61 -> 5.81 %) in a fresh clone's full suite on the same machine:
-    ICT's einstein and takeo fits move with float-level differences between runs, so for ICT only the mean is
-    asserted. Under the skin-model masks it measured SFM 3.00 -> 2.58 %, ICT 3.07 -> 2.84 % (3 of 4); the tables
-    were chosen under those masks and Deep3DFaceRecon's point weights (scripts/derive_landmarks.py), ICT's not
-    re-derived since (under Deep3DFaceRecon's weights: SFM 2.90 -> 2.60 %, ICT 2.84 -> 2.56 %)."""
+    Both models as converted (uniform albedo, as model_comparison fits them, with the 468-point correspondence so
+    that only the landmark table differs), 50 full-loss steps, the fit's own point weights and params.yaml's masks
+    (the ungated mesh). Measured inner NME, file's -> fitted: SFM 3.10 -> 2.56 %, each photo 0.28-0.81 points
+    lower; ICT 3.69 -> 3.48 %, breakingbad level (2.93 -> 2.92), takeo 0.10 higher (3.18 -> 3.28). ICT's table
+    was chosen under the skin-model masks and is not re-derived since (the SFM's, re-derived under the mesh masks,
+    fitted the photos worse in a harness of the reconstruct stage's fit: 2.33 -> 2.37 %), so for ICT the mean is
+    asserted and no photo may lose more than 0.2 points."""
     name, fitted, file = landmark_choices
     faces, notes, reconstruct = annotated_faces
     fit = FitSettings.from_params({**reconstruct, "full_steps": 50})
     nme = {choice: annotated_inner_nme(model, faces, notes, fit)
            for choice, model in [("fitted", fitted), ("file", file)]}
-    assert nme["fitted"].mean() < nme["file"].mean(), nme
     if name == "sfm":
         assert np.all(nme["fitted"] < nme["file"]), nme
         assert nme["fitted"].mean() < 0.9 * nme["file"].mean(), nme
+    else:
+        assert np.all(nme["fitted"] < nme["file"] + 0.002), nme
+        assert nme["fitted"].mean() < 0.97 * nme["file"].mean(), nme
