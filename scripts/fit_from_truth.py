@@ -12,6 +12,7 @@ with the reconstruct stage's settings (params.yaml reconstruct, method fit):
 Prints the inner-51-point NME (% of sqrt(w h) of the ground-truth box) per photo and the means, beside the
 detected input's own. If the fit from the truth is above the best input's NME, following any input more
 closely cannot bring the fit below that input: its prior and photometric term hold it off the points.
+A second table gives each column's eye opening and width beside the ground truth's, where the prior costs most.
 
 Usage (repo root, after `dvc repro face_model albedo`; PYTHONPATH=. so that this tree's pipeline is imported):
     PYTHONPATH=. python scripts/fit_from_truth.py [--params params.yaml]
@@ -41,6 +42,17 @@ from stages import build_settings, read_params
 def inner_nme(pred_px: np.ndarray, gt_px: np.ndarray) -> np.ndarray:
     """(N,) inner-51 NME in % of (N, 68, 2) photo-px predictions against the ground truth."""
     return 100 * landmark_nme(pred_px, gt_px, INNER_POINTS)
+
+
+def eye_shape(lmk_px: np.ndarray, gt_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) eye opening and (N,) eye width, both eyes' mean, in % of sqrt(w h) of the ground-truth box, of (N, 68, 2)
+    photo-px landmarks: the distance between the mean of the upper lid points (iBUG 37-38, 43-44) and of the lower
+    (40-41, 46-47), and between the corners (36-39, 42-45)."""
+    box = np.sqrt(np.prod(gt_px.max(1) - gt_px.min(1), axis=1))
+    opening = [np.linalg.norm(lmk_px[:, up].mean(1) - lmk_px[:, lo].mean(1), axis=1)
+               for up, lo in (([37, 38], [40, 41]), ([43, 44], [46, 47]))]
+    width = [np.linalg.norm(lmk_px[:, b] - lmk_px[:, a], axis=1) for a, b in ((36, 39), (42, 45))]
+    return 100 * np.mean(opening, axis=0) / box, 100 * np.mean(width, axis=0) / box
 
 
 def main(argv=None) -> None:
@@ -85,6 +97,11 @@ def main(argv=None) -> None:
     table.loc["mean"] = table.mean()
     print("inner-51 landmark NME, % (annotated photos)")
     print(table.round(2).to_string())
+    names = [Path(k).name for k in keys]
+    eyes = pd.DataFrame({(name, part): value for name, pred in {"ground truth": gt, **columns}.items()
+                         for part, value in zip(("opening", "width"), eye_shape(pred, gt))}, index=names).T
+    print("\neye opening and width, % of the ground-truth box (both eyes' mean)")
+    print(eyes.round(1).to_string())
 
 
 if __name__ == "__main__":
