@@ -583,9 +583,10 @@ def test_fitted_inner_landmarks_reach_held_out_annotations_closer(landmark_choic
     """The model's own landmarks fitted to the annotated photos' ground truth (held out: the tables were derived on
     the sample photos against dlib): the fitted vertices get closer than the files' on average. SFM: on every
     photo (measured inner NME 1.64 -> 1.30 % on the four, each photo 0.26-0.48 lower). ICT, whose README vertices
-    were closer to start with: on average, no photo more than 0.1 points worse (measured 1.14 -> 1.10 %; two
-    photos lower, takeo level, breakingbad 1.56 -> 1.57). The tables are chosen for the pipeline's fit, not this
-    bare landmark fit: the next test scores that."""
+    were closer to start with, and whose table is chosen for the pipeline's fit: level in this bare fit (measured
+    1.143 -> 1.145 %; einstein 1.20 -> 1.29, the others lower or level), so it may not lose more than 0.15 points
+    on a photo or 2 % on average. The tables are chosen for the pipeline's fit, not this bare landmark fit: the
+    next test scores that."""
     name, fitted, file = landmark_choices
     notes = find_annotations(ANNOTATED, ANNOTATED)
     assert len(notes) >= 4
@@ -604,8 +605,8 @@ def test_fitted_inner_landmarks_reach_held_out_annotations_closer(landmark_choic
         assert np.all(nme["fitted"] < nme["file"] - 0.001), nme
         assert nme["fitted"].mean() < 0.9 * nme["file"].mean(), nme
     else:
-        assert np.all(nme["fitted"] < nme["file"] + 0.001), nme
-        assert nme["fitted"].mean() < 0.99 * nme["file"].mean(), nme
+        assert np.all(nme["fitted"] < nme["file"] + 0.0015), nme
+        assert nme["fitted"].mean() < 1.02 * nme["file"].mean(), nme
 
 
 def test_fitted_inner_landmarks_bring_the_pipelines_fit_closer_to_held_out_annotations(landmark_choices,
@@ -615,18 +616,12 @@ def test_fitted_inner_landmarks_bring_the_pipelines_fit_closer_to_held_out_annot
     Both models as converted (uniform albedo, as model_comparison fits them, with the 468-point correspondence so
     that only the landmark table differs), 50 full-loss steps, the fit's own point weights and params.yaml's masks
     (the ungated mesh). Measured inner NME, file's -> fitted: SFM 3.10 -> 2.56 %, each photo 0.28-0.81 points
-    lower; ICT 3.69 -> 3.48 %, breakingbad level (2.93 -> 2.92), takeo 0.10 higher (3.18 -> 3.28). ICT's table
-    was chosen under the skin-model masks and is not re-derived since (the SFM's, re-derived under the mesh masks,
-    fitted the photos worse in a harness of the reconstruct stage's fit: 2.33 -> 2.37 %), so for ICT the mean is
-    asserted and no photo may lose more than 0.2 points."""
+    lower; ICT 3.69 -> 3.29 %, each photo 0.33-0.54 lower (its table re-derived under the mesh masks: the one
+    chosen under the skin masks measured 3.48 %, breakingbad level and takeo 0.10 higher)."""
     name, fitted, file = landmark_choices
     faces, notes, reconstruct = annotated_faces
     fit = FitSettings.from_params({**reconstruct, "full_steps": 50})
     nme = {choice: annotated_inner_nme(model, faces, notes, fit)
            for choice, model in [("fitted", fitted), ("file", file)]}
-    if name == "sfm":
-        assert np.all(nme["fitted"] < nme["file"]), nme
-        assert nme["fitted"].mean() < 0.9 * nme["file"].mean(), nme
-    else:
-        assert np.all(nme["fitted"] < nme["file"] + 0.002), nme
-        assert nme["fitted"].mean() < 0.97 * nme["file"].mean(), nme
+    assert np.all(nme["fitted"] < nme["file"]), (name, nme)
+    assert nme["fitted"].mean() < (0.9 if name == "sfm" else 0.95) * nme["file"].mean(), (name, nme)
