@@ -92,12 +92,11 @@ def main(argv=None) -> None:
         "landmark stage from the truth": our_landmarks(fitted(truth_input, replace(fit, full_steps=0)), formats),
         "model reach (no prior)": model_landmark_floor(decoder, gt, transform),
     }
-    table = pd.DataFrame({name: inner_nme(pred, gt) for name, pred in columns.items()},
-                         index=[Path(k).name for k in keys])
+    names = [Path(k).name for k in keys]
+    table = pd.DataFrame({name: inner_nme(pred, gt) for name, pred in columns.items()}, index=names)
     table.loc["mean"] = table.mean()
     print("inner-51 landmark NME, % (annotated photos)")
     print(table.round(2).to_string())
-    names = [Path(k).name for k in keys]
     eyes = pd.DataFrame({(name, part): value for name, pred in {"ground truth": gt, **columns}.items()
                          for part, value in zip(("opening", "width"), eye_shape(pred, gt))}, index=names).T
     print("\neye opening and width, % of the ground-truth box (both eyes' mean)")
