@@ -8,14 +8,19 @@ with the reconstruct stage's settings (params.yaml reconstruct, method fit):
 - from the ground truth in their place (crop px; crop, mask and face mesh as detected): the full fit, and its
   landmark stage alone;
 - the face model's reach: its landmarks fitted to the ground truth alone, no prior (the evaluate stage's
-  landmark_nme_model_floor).
+  landmark_nme_model_floor);
+- the fit from the detected input with its prior and photometric term off (TRACKING: 400 full steps of plain
+  least squares on the inner points, 16x the landmark weight): about the closest a fit that follows the input
+  can come to it.
 Prints the inner-51-point NME (% of sqrt(w h) of the ground-truth box) per photo and the means, beside the
 detected input's own. If the fit from the truth is above the best input's NME, following any input more
-closely cannot bring the fit below that input: its prior and photometric term hold it off the points.
+closely cannot bring the fit below that input: its prior and photometric term hold it off the points. If the
+input-tracking fit is at or above the input's own NME, dropping the prior and the photometric term cannot
+either: a fit that follows the input inherits its error and keeps the part of it the model can express.
 A second table gives each column's eye opening and width beside the ground truth's, where the prior costs most.
 
 Usage (repo root, after `dvc repro face_model albedo`; PYTHONPATH=. so that this tree's pipeline is imported):
-    PYTHONPATH=. python scripts/fit_from_truth.py [--params params.yaml]
+    PYTHONPATH=. python scripts/fit_from_truth.py [--params params.yaml] [--face-model models/face_model_ict.npz]
 """
 from __future__ import annotations
 
@@ -39,6 +44,10 @@ from pipeline.segment import MaskSettings
 from stages import build_settings, read_params
 
 
+TRACKING_STEPS = 400
+TRACKING_LANDMARK_GAIN = 16.0
+
+
 def inner_nme(pred_px: np.ndarray, gt_px: np.ndarray) -> np.ndarray:
     """(N,) inner-51 NME in % of (N, 68, 2) photo-px predictions against the ground truth."""
     return 100 * landmark_nme(pred_px, gt_px, INNER_POINTS)
@@ -58,6 +67,8 @@ def eye_shape(lmk_px: np.ndarray, gt_px: np.ndarray) -> tuple[np.ndarray, np.nda
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--face-model", type=Path, default=None,
+                    help="face model .npz to fit (default: params reconstruct.face_model), e.g. models/face_model_ict.npz")
     args = ap.parse_args(argv)
     params = read_params(args.params, "crop", "landmarks", "masks", "workers", "reconstruct", "evaluate")
     e, p = params["evaluate"], params["reconstruct"]
@@ -67,7 +78,7 @@ def main(argv=None) -> None:
                 build_settings(MaskSettings, params["masks"], "masks"))
     faces, _ = preprocess_photos([Path(k) for k in sorted(notes)], *settings, params["workers"])
     faces = faces.reset_index(drop=True)  # labels = positions, as in the reconstruction rows
-    decoder = FaceDecoder(load_face_model(p["face_model"]))
+    decoder = FaceDecoder(load_face_model(args.face_model or p["face_model"]))
     fit = FitSettings.from_params(p)
 
     def fitted(rows_in: pd.DataFrame, settings: FitSettings) -> pd.DataFrame:
@@ -92,6 +103,10 @@ def main(argv=None) -> None:
         "landmark stage from the truth": our_landmarks(fitted(truth_input, replace(fit, full_steps=0)), formats),
         "model reach (no prior)": model_landmark_floor(decoder, gt, transform),
     }
+    tracking = replace(fit, full_steps=TRACKING_STEPS, landmark_stage_coefficient=0.0,
+                       weights=replace(fit.weights, photometric=0.0, coefficient=0.0, landmark_delta_px=0.0,
+                                       landmark=TRACKING_LANDMARK_GAIN * fit.weights.landmark))
+    columns["input tracked (no prior)"] = our_landmarks(fitted(faces, tracking).loc[index], formats)
     names = [Path(k).name for k in keys]
     table = pd.DataFrame({name: inner_nme(pred, gt) for name, pred in columns.items()}, index=names)
     table.loc["mean"] = table.mean()
