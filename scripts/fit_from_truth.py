@@ -9,7 +9,7 @@ with the reconstruct stage's settings (params.yaml reconstruct, method fit):
   landmark stage alone;
 - the face model's reach: its landmarks fitted to the ground truth alone, no prior (the evaluate stage's
   landmark_nme_model_floor);
-- the fit from the detected input with its prior and photometric term off (TRACKING: 400 full steps of plain
+- the fit from the detected input with its prior and image terms off (TRACKING_*: 400 full steps of plain
   least squares on the inner points, 16x the landmark weight): about the closest a fit that follows the input
   can come to it.
 Prints the inner-51-point NME (% of sqrt(w h) of the ground-truth box) per photo and the means, beside the
@@ -103,9 +103,9 @@ def main(argv=None) -> None:
         "landmark stage from the truth": our_landmarks(fitted(truth_input, replace(fit, full_steps=0)), formats),
         "model reach (no prior)": model_landmark_floor(decoder, gt, transform),
     }
-    tracking = replace(fit, full_steps=TRACKING_STEPS, landmark_stage_coefficient=0.0,
-                       weights=replace(fit.weights, photometric=0.0, coefficient=0.0, landmark_delta_px=0.0,
-                                       landmark=TRACKING_LANDMARK_GAIN * fit.weights.landmark))
+    tracking = replace(fit, full_steps=TRACKING_STEPS, landmark_stage_coefficient=0.0, jaw_weight=0.0,
+                       weights=replace(fit.weights, photometric=0.0, identity=0.0, coefficient=0.0,
+                                       landmark_delta_px=0.0, landmark=TRACKING_LANDMARK_GAIN * fit.weights.landmark))
     columns["input tracked (no prior)"] = our_landmarks(fitted(faces, tracking).loc[index], formats)
     names = [Path(k).name for k in keys]
     table = pd.DataFrame({name: inner_nme(pred, gt) for name, pred in columns.items()}, index=names)
