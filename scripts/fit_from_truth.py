@@ -68,7 +68,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--face-model", type=Path, default=None,
-                    help="face model .npz to fit (default: params reconstruct.face_model), e.g. models/face_model_ict.npz")
+                    help="face model .npz to fit (default: params reconstruct.face_model), "
+                         "e.g. models/face_model_ict.npz")
     args = ap.parse_args(argv)
     params = read_params(args.params, "crop", "landmarks", "masks", "workers", "reconstruct", "evaluate")
     e, p = params["evaluate"], params["reconstruct"]
