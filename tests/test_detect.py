@@ -11,9 +11,12 @@ from pipeline.detect import (TEMPLATE_5PT_PX, CropSettings, LandmarkSettings, Re
                              detect_faces, fit_landmarks, fit_similarity, five_points, invert_transform,
                              list_photos, read_photo, transform_points, warp_to_crop)
 from pipeline.detect.crop import align_face
-from pipeline.detect.landmarks import landmarks_task
+from pipeline.detect.landmarks import dlib_box_crop, landmarks_task
 from pipeline.detect.mesh68 import mesh_to_ibug68
+from pipeline.evaluate.annotations import find_annotations
+from pipeline.evaluate.metrics import INNER_POINTS, landmark_nme
 from pipeline.shards import decode_rgb
+from pipeline.shards.tables import IBUG_FLIP
 
 NO_REJECT = LandmarkSettings(max_template_px=1e9)  # measure the fits, reject nothing
 
@@ -68,7 +71,8 @@ def test_every_sample_photo_has_a_face_and_trump_hillary_two(faces, faces_dir):
 
 def test_landmarks_on_the_annotated_photo_are_within_3_percent_nme():
     """NME (mean point error / sqrt(w h) of the ground-truth box) of the crop landmarks mapped back to the photo;
-    measured 0.0156 (dlib on the crop, in the box HOG finds there; the photo-space fit: 0.0151), mesh 0.029."""
+    measured 0.0142 (dlib on the crop, its passes averaged, from the box HOG finds there; one pass: 0.0156),
+    mesh 0.029."""
     truth = np.loadtxt(ANNOTATED / "image_0010.pts", skiprows=3, comments="}") - 1.0  # .pts are 1-based
     assert truth.shape == (68, 2)
     row = crop_photo(ANNOTATED / "image_0010.png", CropSettings())[0]
@@ -80,6 +84,61 @@ def test_landmarks_on_the_annotated_photo_are_within_3_percent_nme():
         nme = np.linalg.norm(lmk_photo - truth, axis=1).mean() / np.sqrt(width * height)
         assert nme < bound, nme
     assert points["landmarks_source"] == "dlib"  # a frontal photo: dlib and the mesh agree, dlib's points are kept
+
+
+def test_dlib_passes_average_to_subpixel_mirror_symmetric_points(faces_dir):
+    """With mirrored passes the averaged points of a mirrored photo are the mirror image of the photo's, relabelled
+    (IBUG_FLIP), and they are sub-pixel; one pass is dlib's own whole-pixel shape."""
+    rgb = read_photo(faces_dir / "000055.jpg")
+    box = detect_faces(rgb)[0].box_px
+    last_px = rgb.shape[1] - 1
+    mirrored_box = np.array([last_px - box[2], box[1], last_px - box[0], box[3]])
+    single = fit_landmarks(rgb, box)
+    assert np.array_equal(single, np.round(single))
+    scales = (0.95, 1.0, 1.05)
+    points = fit_landmarks(rgb, box, scales, mirror=True)
+    of_mirror = fit_landmarks(np.ascontiguousarray(rgb[:, ::-1]), mirrored_box, scales, mirror=True)
+    of_mirror[:, 0] = last_px - of_mirror[:, 0]
+    assert np.abs(of_mirror[list(IBUG_FLIP)] - points).max() < 1e-3
+    assert not np.array_equal(points, np.round(points))
+    assert np.abs(points - single).max() < 5.0  # the same face, a few px at most from the single pass
+    with pytest.raises(ValueError, match="box_scales"):
+        fit_landmarks(rgb, box, ())
+
+
+def test_averaged_dlib_passes_are_closer_to_the_annotations_than_one_pass():
+    """Every annotated photo (the face overlapping its ground-truth box): dlib's points averaged over the default
+    passes (scales 0.95-1.05, mirrored) against its single pass, inner-51 NME on the crop. Measured 1.69 against
+    2.05 % (breakingbad 1.38 / 2.34, einstein 2.70 / 3.00, image_0010 0.96 / 1.14, takeo 1.71 / 1.75)."""
+    notes = find_annotations(ANNOTATED, ANNOTATED)
+    assert len(notes) > 1
+    averaged, single = [], []
+    for path, note in sorted(notes.items()):
+        rows = crop_photo(path, CropSettings(multi_face="all"), root=ANNOTATED)
+        best = None
+        for row in rows:
+            transform = np.asarray(row["transform"]).reshape(2, 3)
+            truth = transform_points(note.lmk_px, transform)
+            points = crop_points(row)["dlib_landmarks"]  # default passes
+            overlap = iou(np.concatenate([truth.min(0), truth.max(0)]), np.concatenate([points.min(0), points.max(0)]))
+            if best is None or overlap > best[0]:
+                crop = decode_rgb(row["crop"])
+                best = (overlap, truth, points, fit_landmarks(crop, dlib_box_crop(row, crop)))
+        overlap, truth, points, one_pass = best
+        assert overlap > 0.5, path
+        averaged.append(landmark_nme(points[None], truth[None], INNER_POINTS)[0])
+        single.append(landmark_nme(one_pass[None], truth[None], INNER_POINTS)[0])
+    averaged, single = np.array(averaged), np.array(single)
+    assert averaged.mean() < 0.9 * single.mean(), (averaged, single)
+    assert (averaged < single + 1e-3).all(), (averaged, single)
+
+
+def test_landmark_settings_refuse_bad_dlib_passes():
+    assert LandmarkSettings(dlib_box_scales=[0.9, 1.0]).dlib_box_scales == (0.9, 1.0)  # YAML lists become tuples
+    for bad in ({"dlib_box_scales": []}, {"dlib_box_scales": [0.0]}, {"dlib_box_scales": [3.0]},
+                {"dlib_mirror": "yes"}):
+        with pytest.raises(ValueError, match="dlib_"):
+            LandmarkSettings(**bad)
 
 
 def test_crops_put_the_eyes_on_the_template(faces):

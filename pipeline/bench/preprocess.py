@@ -62,7 +62,7 @@ def preprocess_img_s(photos: Sequence[Path], root: Path, crop: CropSettings, lan
         return len(photos) / (time.perf_counter() - start)
 
 
-def _detect_and_fit(path: Path, settings: CropSettings, with_dlib: bool) -> int:
+def _detect_and_fit(path: Path, settings: CropSettings, landmarks: LandmarkSettings | None) -> int:
     try:
         rgb = read_photo(path, settings.max_pixels, settings.min_face_px)
         found = detect_chain(rgb, settings.detectors, settings.upsample, settings.min_score,
@@ -72,9 +72,9 @@ def _detect_and_fit(path: Path, settings: CropSettings, with_dlib: bool) -> int:
         return 0
     for detection in chosen:
         crop, transform, _, _ = align_face(rgb, detection, settings.mesh_passes)
-        if with_dlib:
+        if landmarks is not None:
             seed = {"detector": detection.detector, "box_crop": box_to_crop(detection.box_px, transform)}
-            fit_landmarks(crop, dlib_box_crop(seed, crop))
+            fit_landmarks(crop, dlib_box_crop(seed, crop), landmarks.dlib_box_scales, landmarks.dlib_mirror)
     return len(chosen)
 
 
@@ -82,10 +82,12 @@ def landmark_bound_img_s(photos: Sequence[Path], crop: CropSettings, landmarks: 
                          workers: int) -> float:
     """Photos/s of the work no preprocessing can skip: decode, the detector chain, the face mesh of each face kept
     and its alignment to the crop and, unless landmarks.source is "mesh", dlib's 68-point fit on that crop from
-    the seed box the landmarks stage uses (dlib_box_crop), at the `crop` settings, over `workers` processes
+    the seed box the landmarks stage uses (dlib_box_crop), with its passes (dlib_box_scales, dlib_mirror), at the
+    `crop` settings, over `workers` processes
     (0 = all cores) as the crop stage distributes it. Not in it: encoding, tables, masks, shards, the pools."""
     _prepare(crop.detectors)
-    task = functools.partial(_detect_and_fit, settings=crop, with_dlib=landmarks.source != "mesh")
+    task = functools.partial(_detect_and_fit, settings=crop,
+                             landmarks=None if landmarks.source == "mesh" else landmarks)
     start = time.perf_counter()
     for _ in map_parallel(task, list(photos), workers, chunk_size=1, total=len(photos), desc="landmark bound"):
         pass

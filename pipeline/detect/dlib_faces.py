@@ -14,6 +14,8 @@ import cv2
 import dlib
 import numpy as np
 
+from ..shards.tables import IBUG_FLIP
+
 DETECTORS = ("hog", "cnn")
 SHAPE_PREDICTOR_68 = "shape_predictor_68_face_landmarks.dat"
 MMOD_DETECTOR = "mmod_human_face_detector.dat"
@@ -103,10 +105,22 @@ def detect_faces(rgb: np.ndarray, detector: str = "hog", upsample: int = 1, min_
     return sorted(detections, key=lambda d: -d.side_px)
 
 
-def fit_landmarks(rgb: np.ndarray, box_px: np.ndarray) -> np.ndarray:
-    """68 iBUG landmarks fitted by dlib's shape predictor inside a face box.
+def _predict(rgb: np.ndarray, box_px: np.ndarray) -> np.ndarray:
+    """One pass of the shape predictor: (68, 2) float64 whole px (dlib rounds the box and its points)."""
+    shape = shape_predictor_68()(rgb, dlib.rectangle(*(int(round(v)) for v in box_px)))
+    return np.array([(p.x, p.y) for p in shape.parts()], np.float64)
 
-    rgb: (H, W, 3) uint8 RGB; box_px: (4,) left, top, right, bottom in the same image's px.
+
+def fit_landmarks(rgb: np.ndarray, box_px: np.ndarray, box_scales: tuple[float, ...] = (1.0,),
+                  mirror: bool = False) -> np.ndarray:
+    """68 iBUG landmarks fitted by dlib's shape predictor inside a face box, averaged over its passes.
+
+    rgb: (H, W, 3) uint8 RGB; box_px: (4,) left, top, right, bottom in the same image's px; box_scales: one
+    pass per factor, on the box scaled about its centre; mirror: each pass also on the horizontally mirrored
+    image and box, its points mirrored back and relabelled (IBUG_FLIP). The defaults are dlib's single pass.
+    Why several: one pass returns whole pixels, moves with the seed box and leans to one side; the mean of
+    passes on mirrored images and rescaled boxes is sub-pixel and mirror-symmetric (measured in
+    pipeline.detect.landmarks.LandmarkSettings).
     Returns (68, 2) float32, x right / y down, in the image's px.
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
@@ -114,6 +128,17 @@ def fit_landmarks(rgb: np.ndarray, box_px: np.ndarray) -> np.ndarray:
     box = np.asarray(box_px, np.float64)
     if box.shape != (4,):
         raise ValueError(f"box_px: expected (4,) left, top, right, bottom, got {box.shape}")
-    rect = dlib.rectangle(*(int(round(v)) for v in box))
-    shape = shape_predictor_68()(rgb, rect)
-    return np.array([(p.x, p.y) for p in shape.parts()], np.float32)
+    if not box_scales or min(box_scales) <= 0:
+        raise ValueError(f"box_scales: expected one or more factors > 0, got {box_scales}")
+    centre, half = (box[:2] + box[2:]) / 2, (box[2:] - box[:2]) / 2
+    mirrored = np.ascontiguousarray(rgb[:, ::-1]) if mirror else None
+    last_px = rgb.shape[1] - 1  # x -> last_px - x mirrors pixel centres
+    passes = []
+    for scale in box_scales:
+        scaled = np.concatenate([centre - scale * half, centre + scale * half])
+        passes.append(_predict(rgb, scaled))
+        if mirror:
+            back = _predict(mirrored, np.array([last_px - scaled[2], scaled[1], last_px - scaled[0], scaled[3]]))
+            back[:, 0] = last_px - back[:, 0]
+            passes.append(back[list(IBUG_FLIP)])
+    return np.mean(passes, axis=0).astype(np.float32)

@@ -12,25 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..shards.tables import IBUG_FLIP
 from .config import AugmentSettings
-
-
-def _ibug_flip() -> tuple[int, ...]:
-    """The 68-point iBUG index permutation of a horizontal mirror: the point labelled i after mirroring is
-    the mirror image of the point labelled perm[i] before (0-based)."""
-    pairs = [(i, 16 - i) for i in range(8)]                      # jaw
-    pairs += [(17 + i, 26 - i) for i in range(5)]                # brows
-    pairs += [(31, 35), (32, 34)]                                # nostrils; bridge 27-30 and tip 33 stay
-    pairs += [(36, 45), (37, 44), (38, 43), (39, 42), (40, 47), (41, 46)]  # eyes (corner to corner)
-    pairs += [(48, 54), (49, 53), (50, 52), (55, 59), (56, 58)]  # outer lips; 51, 57 stay
-    pairs += [(60, 64), (61, 63), (65, 67)]                      # inner lips; 62, 66 stay
-    perm = list(range(68))
-    for a, b in pairs:
-        perm[a], perm[b] = b, a
-    return tuple(perm)
-
-
-IBUG_FLIP = _ibug_flip()
 
 
 def sample_similarity(indices: torch.Tensor, epoch: int, seed: int, settings: AugmentSettings,
