@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.detect import CropSettings, transform_points
+from pipeline.detect import CropSettings, invert_transform, transform_points
 from pipeline.detect.crop import crop_task
 from pipeline.detect.dlib_faces import fit_landmarks
 from pipeline.detect.landmarks import dlib_box_crop
-from pipeline.detect.mediapipe import box_iou
 from pipeline.evaluate.annotations import find_annotations
+from pipeline.evaluate.benchmark import box_iou, landmark_boxes
 from pipeline.evaluate.metrics import INNER_POINTS, landmark_nme
 from pipeline.shards.image_bytes import decode_rgb
 from pipeline.shards.parallel import map_parallel
@@ -40,26 +40,24 @@ VARIANTS = {  # name: (box_scales, mirror)
 }
 
 
-def box_of(points_px: np.ndarray) -> np.ndarray:
-    """(4,) left, top, right, bottom of (68, 2) points."""
-    return np.concatenate([points_px.min(0), points_px.max(0)])
-
-
 def photo_nmes(path: Path, truth_px: np.ndarray, settings: CropSettings) -> dict[str, float]:
-    """{variant: inner NME in %} of the face of one photo that overlaps truth_px (68, 2) photo px most; {} if none."""
-    best, best_iou = {}, 0.0
+    """{variant: inner NME in %} of the face of one photo whose single-pass points overlap truth_px (68, 2) photo px
+    most; {} if the photo has no face."""
+    best, best_iou = None, 0.0
     for row in crop_task(path, settings, path.parent)[0]:
         crop = decode_rgb(row["crop"])
         seed = dlib_box_crop(row, crop)
-        to_photo = np.linalg.inv(np.vstack([np.reshape(row["transform"], (2, 3)), [0.0, 0.0, 1.0]]))[:2]
-        found = {name: transform_points(fit_landmarks(crop, seed, scales, mirror), to_photo)
-                 for name, (scales, mirror) in VARIANTS.items()}
-        iou = float(box_iou(box_of(truth_px), box_of(found["1 pass"])[None])[0])
+        to_photo = invert_transform(np.reshape(row["transform"], (2, 3)))
+        points = transform_points(fit_landmarks(crop, seed), to_photo)
+        iou = float(box_iou(landmark_boxes(points[None]), landmark_boxes(truth_px[None])[0])[0])
         if iou > best_iou:
-            best_iou = iou
-            best = {name: 100 * float(landmark_nme(p[None], truth_px[None], INNER_POINTS)[0])
-                    for name, p in found.items()}
-    return best
+            best, best_iou = (crop, seed, to_photo), iou
+    if best is None:
+        return {}
+    crop, seed, to_photo = best
+    found = {name: transform_points(fit_landmarks(crop, seed, scales, mirror), to_photo)
+             for name, (scales, mirror) in VARIANTS.items()}
+    return {name: 100 * float(landmark_nme(p[None], truth_px[None], INNER_POINTS)[0]) for name, p in found.items()}
 
 
 def main(argv=None) -> None:
@@ -68,10 +66,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     params = read_params(args.params, "crop", "workers", "evaluate")
     crop = build_settings(CropSettings, params["crop"], "crop")
-    e, synth_dir = params["evaluate"], SYNTH
+    e = params["evaluate"]
     photos = {path: a.lmk_px for path, a in find_annotations(e["annotated_images"], e["annotations"]).items()}
-    truth = pd.read_parquet(synth_dir / "truth.parquet")
-    renders = {synth_dir / "images" / f: np.reshape(lmk, (68, 2)) for f, lmk in zip(truth["file"], truth["lmk_px"])}
+    truth = pd.read_parquet(SYNTH / "truth.parquet")
+    renders = {SYNTH / "images" / f: np.reshape(lmk, (68, 2)) for f, lmk in zip(truth["file"], truth["lmk_px"])}
     for name, items in (("annotated photos", photos), ("synthetic renders", renders)):
         paths = sorted(items)
         task = functools.partial(_photo_task, settings=crop)
